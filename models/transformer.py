@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 # The blocks live in models.layers (shared with the BERT encoder); re-exported here.
-from models.layers import Attention, Block, Mlp, RMSNorm, apply_blocks, make_blocks, rope
+from models.layers import Attention, Block, Mlp, RMSNorm, apply_blocks, dense, make_blocks, rope
 from models.layers import fan_in_normal as _fan_in_normal
 from models.layers import param as _param
 from sharding.rules import constrain
@@ -94,9 +94,9 @@ class Transformer(nnx.Module):
     x_BxTxD = apply_blocks(cfg, self.blocks, x_BxTxD, positions_T)
     x_BxTxD = self.final_norm(x_BxTxD)
     if cfg.tie_embeddings:
-      logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.embed[...].astype(dt))
+      logits_BxTxV = dense(x_BxTxD, self.embed[...].astype(dt).T)
     else:
-      logits_BxTxV = x_BxTxD @ self.unembed[...].astype(dt)
+      logits_BxTxV = dense(x_BxTxD, self.unembed[...].astype(dt))
     logits_BxTxV = logits_BxTxV.astype(jnp.float32) / cfg.width_mult  # μP output multiplier
     return constrain(logits_BxTxV, ("batch", "length", "vocab"))
 

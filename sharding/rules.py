@@ -67,6 +67,17 @@ def constrain(x, logical_names):
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_names, rules))
 
 
+def is_split(logical_name: str) -> bool:
+  """Whether the current rules and mesh split this logical axis over more than one device."""
+  rules = getattr(_ctx, "rules", None)
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh.empty:
+    return False
+  axes = logical_to_spec((logical_name,), rules)[0]
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return any(mesh.shape[a] > 1 for a in axes)
+
+
 def tree_shardings(logical_tree, mesh, rules):
   """NamedShardings for a pytree whose leaves are tuples of logical names (or None)."""
   return jax.tree.map(lambda names: logical_to_sharding(names, mesh, rules), logical_tree,
