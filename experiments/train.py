@@ -4,7 +4,9 @@ r"""One training run.
 
 Re-running with the same workdir resumes from its last checkpoint. Multi-host: pass
 --coordinator_address/--num_processes/--process_id (or the JAX_* environment variables; TPU
-VMs need none). Config errors print one line naming the field and exit with status 2.
+VMs need none). Config errors print one line naming the field and exit with status 2; a run
+that stops on a fault (a NaN loss with config.nan_policy='stop', a checkpoint that cannot be
+written) prints one line and exits with status 3. SIGTERM checkpoints and exits 0.
 """
 from __future__ import annotations
 
