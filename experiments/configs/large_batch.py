@@ -19,6 +19,17 @@ Variants:
          32 steps), 10% warmup, eval on 16 x 32 held-out sequences, lr check x0.5 / 1 / 2.
          Not `small`: that one trains at ~200 tokens/s on this shared 2-core CPU
          (benchmarks/train_step.py), about 45 min per run of this budget.
+  small_cpu  lm.py `small` (8.45M matmul params: d_model 256, 8 layers, SwiGLU 1024) at
+         sequence 64, batch 8 / 32 / 128 (B0 = 32, micro-batches of 8), 98,304 tokens per
+         run (192 / 48 / 12 steps), no lr check (base lrs below). Measured on the idle 2-core
+         CPU: 787 s for the 9 runs (13 min 14 s wall with start-up); copied to
+         docs/large_batch_small.{md,png}:
+  final eval loss (nats/byte)   AdamW            LAMB             LARS
+  B=8    (192 steps)            2.199 (lr 0.001) 2.298 (lr 0.007) 2.252 (lr 1.05)
+  B=32   (48 steps)             2.865 (lr 0.002) 2.727 (lr 0.014) 2.589 (lr 2.1)
+  B=128  (12 steps)             3.125 (lr 0.004) 3.077 (lr 0.028) 3.094 (lr 4.2)
+         AdamW is best at the smallest batch; past it the layer-wise optimizers lose less
+         (LARS 0.28 and LAMB 0.14 below AdamW at B=32, LAMB 0.05 at B=128).
   test   2 batch sizes of a 1-layer width-32 model, LAMB only, a few steps (the smoke test).
   small  lm.py `small` (d_model 256, 8 layers, sequence 128) at batch 32..1024, 2^24 tokens:
          an accelerator-sized version of the same study. Not run; its base lrs are guesses.
@@ -50,6 +61,10 @@ from optimizers.factory import default_optimizer_config
 
 # Peak learning rates at the base batch size B0, from the lr checks in the docstring.
 _CPU_BASE_LR = dict(adamw=1.2e-2, lamb=2e-2, lars=3.0)
+# small_cpu (B0 = 32, not tuned on `small`: no time for a check in 15 min): LAMB and LARS
+# from the tiny check above (their layer-wise trust ratios make the lr width-independent),
+# sqrt-scaled from B0 = 64 to 32; AdamW from lm.py `small` (2e-3 at batch 16 x 128 tokens).
+_SMALL_CPU_BASE_LR = dict(adamw=2e-3, lamb=1.4e-2, lars=2.1)
 
 _VARIANTS = {
     "cpu": dict(
@@ -57,6 +72,10 @@ _VARIANTS = {
         base_batch_size=64, micro_batch_size=16, tokens_per_run=2**19,
         base_lr=_CPU_BASE_LR, lr_check_factors=(0.5, 1.0, 2.0),
         eval_batches=16, eval_batch_size=32),
+    "small_cpu": dict(
+        lm_variant="small", model=dict(), seq_len=64, batch_sizes=(8, 32, 128),
+        base_batch_size=32, micro_batch_size=8, tokens_per_run=3 * 2**15,
+        base_lr=_SMALL_CPU_BASE_LR, lr_check_factors=(), eval_batches=16, eval_batch_size=32),
     "test": dict(
         lm_variant="tiny", model=dict(d_model=32, num_layers=1, num_heads=2, mlp_dim=64,
                                       max_seq_len=32),
