@@ -526,9 +526,10 @@ def _abstract_micro(s: Setup):
 def train(config, workdir: str, *, setup_=None, hooks=()) -> dict:
   """Trains to config.num_steps (resuming from workdir) and returns the final metrics.
 
-  Returns {'status': 'done'|'preempted', 'step', last metrics..., eval...}; a non-finite
-  loss raises NonFiniteLossError (config.nan_policy='stop') after keeping the checkpoints.
-  `hooks` are called as hook(step, metrics) on every logged step (sweeps record curves).
+  Returns {'status': 'done'|'preempted'|'stopped', 'step', last metrics..., eval...}; a
+  non-finite loss raises NonFiniteLossError (config.nan_policy='stop') after keeping the
+  checkpoints. `hooks` are called as hook(step, metrics) on every logged step (sweeps record
+  curves); one that returns True stops the run there, with a checkpoint.
   """
   s = setup_ or setup(config)
   cfg = s.config
@@ -635,10 +636,13 @@ def train(config, workdir: str, *, setup_=None, hooks=()) -> dict:
         if is_log or is_eval:
           logger.write(m)
           logger.progress(m, m.get("step_time_s", 0.0))
-        if is_ckpt:
+        # A hook that returns True ends the run here (e.g. a study stopping at a target loss).
+        stop = any([bool(hook(step, m)) for hook in hooks])
+        if is_ckpt or stop:
           checkpointer.save(step, state, data_it, meta, force=True)
-        for hook in hooks:
-          hook(step, m)
+        if stop:
+          status = "stopped"
+          break
       if is_ckpt and preemption.requested:  # a SIGTERM after is_ckpt is saved next step
         logging.warning("SIGTERM: checkpoint written at step %d; exiting", step)
         status = "preempted"
