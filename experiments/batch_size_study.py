@@ -27,17 +27,20 @@ from experiments import laws
 from experiments import trainer
 from experiments.configs import lm as lm_config
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_MODEL = flags.DEFINE_enum("model", "tiny", ["tiny", "small"], "lm.py variant to train.")
-_TARGET = flags.DEFINE_float("target", 2.6, "Target loss (EMA of the training loss, nats).")
-_FIXED = flags.DEFINE_list("fixed", ["8", "16", "32", "64", "128"], "Fixed batch sizes.")
-_MICRO = flags.DEFINE_integer("micro", 8, "Micro-batch (and initial batch) of adaptive runs.")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 128, "Largest batch adaptive runs may reach.")
-_TOKENS = flags.DEFINE_float("max_tokens", 1.5e6, "Token budget per run.")
-_BASE_LR = flags.DEFINE_float("base_lr", 2e-3, "Peak lr at the base batch size (8).")
-_ETA = flags.DEFINE_float("eta", 0.3, "Norm-test parameter η.")
-_STOP = flags.DEFINE_bool("stop_at_target", True, "End each run when it reaches the target "
-                          "(otherwise it trains to max_tokens).")
+def define_flags() -> None:
+  """The CLI's flags (defined when run as a script, so tests can import the module)."""
+  flags.DEFINE_string("workdir", None, "Output directory.")
+  flags.DEFINE_enum("model", "tiny", ["tiny", "small"], "lm.py variant to train.")
+  flags.DEFINE_float("target", 2.6, "Target loss (EMA of the training loss, nats).")
+  flags.DEFINE_list("fixed", ["8", "16", "32", "64", "128"], "Fixed batch sizes.")
+  flags.DEFINE_integer("micro", 8, "Micro-batch (and initial batch) of adaptive runs.")
+  flags.DEFINE_integer("max_batch", 128, "Largest batch adaptive runs may reach.")
+  flags.DEFINE_float("max_tokens", 1.5e6, "Token budget per run.")
+  flags.DEFINE_float("base_lr", 2e-3, "Peak lr at the base batch size (8).")
+  flags.DEFINE_float("eta", 0.3, "Norm-test parameter η.")
+  flags.DEFINE_bool("stop_at_target", True, "End each run when it reaches the target "
+                    "(otherwise it trains to max_tokens).")
+
 
 EMA = 0.9
 
@@ -93,25 +96,25 @@ def run(name, config, workdir, target=None):
 
 def main(argv):
   del argv
-  workdir = _WORKDIR.value
-  common = dict(micro=_MICRO.value, max_batch=_MAX_BATCH.value, max_tokens=_TOKENS.value,
-                base_lr=_BASE_LR.value, eta=_ETA.value)
-  runs = [(f"fixed_{b}", run_config(_MODEL.value, batch=int(b), controller="fixed", **common))
-          for b in _FIXED.value]
+  f = flags.FLAGS
+  workdir = f.workdir
+  common = dict(micro=f.micro, max_batch=f.max_batch, max_tokens=f.max_tokens,
+                base_lr=f.base_lr, eta=f.eta)
+  runs = [(f"fixed_{b}", run_config(f.model, batch=int(b), controller="fixed", **common))
+          for b in f.fixed]
   # The noise scale needs two micro-batches to measure; the norm test starts at one.
-  runs += [("noise_scale", run_config(_MODEL.value, batch=2 * _MICRO.value,
-                                      controller="noise_scale", **common)),
-           ("norm_test", run_config(_MODEL.value, batch=_MICRO.value, controller="norm_test",
-                                    **common))]
+  runs += [("noise_scale", run_config(f.model, batch=2 * f.micro, controller="noise_scale",
+                                      **common)),
+           ("norm_test", run_config(f.model, batch=f.micro, controller="norm_test", **common))]
   table = []
   for name, config in runs:
     logging.info("=== %s", name)
-    result, rows = run(name, config, workdir, _TARGET.value if _STOP.value else None)
-    steps, tokens, final_batch = steps_and_tokens_to_target(rows, _TARGET.value)
+    result, rows = run(name, config, workdir, f.target if f.stop_at_target else None)
+    steps, tokens, final_batch = steps_and_tokens_to_target(rows, f.target)
     noise = [r["noise_scale"] for r in rows if "noise_scale" in r]
     table.append(dict(run=name, steps=steps, tokens=tokens, final_batch=final_batch,
                       final_loss=result["loss"], noise_scale=noise[-1] if noise else None))
-  write_outputs(table, workdir, _TARGET.value, runs[0][1].seq_len)
+  write_outputs(table, workdir, f.target, runs[0][1].seq_len)
 
 
 def write_outputs(table, workdir, target, seq_len):
@@ -168,6 +171,7 @@ def _plot(table, fit, seq_len, path):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir"])
   cli.define_distributed_flags()
   raise SystemExit(cli.run(main))

@@ -28,6 +28,16 @@ def test_run_configs_keep_the_token_budget_and_the_sqrt_rule():
   assert lbs.warmup_steps(study, 256) == round(0.1 * 4 * lbs.num_steps(study, 256))
 
 
+@pytest.mark.parametrize("variant", ["cpu", "small_cpu", "small"])
+def test_every_variant_is_valid_and_spends_its_budget(variant):
+  study = large_batch.get_config(variant)
+  lbs.validate(study)
+  for b in study.batch_sizes:
+    c = lbs.run_config(study, "lamb", b)
+    assert c.num_steps * b * c.seq_len == study.tokens_per_run
+    assert c.seq_len <= c.model.max_seq_len
+
+
 @pytest.mark.parametrize("override, field", [
     ("optimizers=('adamw', 'sgdx')", "config.optimizers"),
     ("base_batch_size=32", "config.base_batch_size"),
