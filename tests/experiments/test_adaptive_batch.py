@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from tests import testlib
-from tests.experiments import test_resume as resume_lib
+from tests.reliability import conftest as rel
 
 ADAPTIVE = ("--config=experiments/configs/lm.py:tiny,num_steps=30,checkpoint_every=10,"
             "log_every=1,eval_every=0,micro_batch_size=8,global_batch_size=8")
@@ -32,14 +32,13 @@ def test_norm_test_grows_batch_and_resumes_exactly(tmp_path):
   assert all(b % 8 == 0 for b in sizes)
 
   proc = testlib.popen_cli("experiments.train", ADAPTIVE, *FLAGS, f"--workdir={resumed}")
-  resume_lib._wait_for_checkpoint(resumed, 20, proc)
+  rel.wait_until(lambda: 20 in rel.checkpoint_steps(resumed), proc, "checkpoint 20", poll=0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   testlib.run_cli("experiments.train", ADAPTIVE, *FLAGS, f"--workdir={resumed}", check=True)
   assert _batch_sizes(resumed) == sizes
-  a, b = resume_lib._params(straight, 30), resume_lib._params(resumed, 30)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  rel.assert_trees_equal(rel.restore_state(straight, 30)["params"],
+                         rel.restore_state(resumed, 30)["params"])
 
 
 def test_fixed_batch_with_micro_batches_logs_noise_scale():

@@ -2,8 +2,8 @@
 writes, NaN losses. The training parts of "preemption, crashes, corrupt state and bad input
 lose nothing": every scenario ends bitwise equal to one uninterrupted run (CPU).
 
-tests/experiments/test_resume.py covers one SIGKILL, truncated `state` files and all
-checkpoints unreadable; this file covers what that leaves out.
+tests/experiments/test_resume.py covers all checkpoints unreadable (a clear error);
+tests/experiments/test_adaptive_batch.py a SIGKILL of a run whose batch size adapts.
 """
 import dataclasses
 import errno
