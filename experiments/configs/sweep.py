@@ -15,11 +15,13 @@ Variants:
           sequences of 16 tokens) x 5 lr (0.01-0.16, factor 2) = 90 trials in 18 compiled
           cells, 32-512 steps each. Every law of experiments/report.py gets its points:
           Step Law, L(N, D) on 6 cells, critical batch from eval curves at 3 B per N, Power
-          calibration from the optima at 3 D. Measured on this 2-core CPU while other jobs
-          shared it (load average 9-11): 7 min 36 s wall, 3 min 40 s CPU (user + sys);
-          fitted E = 1.756 (interval up to 1.782) against the known 1.748, best loss 1.785.
-          The smallest B wins in every cell (these models are step-limited), so B*(D) is
-          weakly determined; lr* is interior in 16 of 18 cells.
+          calibration from the optima at 3 D. Measured on the idle 2-core CPU (2026-11-30):
+          2 min 52 s wall, 3 min 56 s CPU (user + sys), with layout 'auto' -> 'measure' choosing
+          vectorised (K=5 step 1.2 ms against 3.5 ms sequential; under load 4-6 it was 5 min
+          11 s, and forced sequential 7 min 36 s at load 9-11). Fitted E = 1.7525 (interval up
+          to 1.779) against the known 1.7476; best loss 1.785; Step Law
+          lr* ~ N^-0.39 D^-0.11. The smallest B wins in every cell (these models are
+          step-limited), so B*(D) is weakly determined; lr* is interior in 16 of 18 cells.
   small   ~1 h on an idle 2-core CPU (estimated from the tiny run's costs per compile, per
           step and per FLOP: ~30 min of CPU; not run here): markov with 64 tokens, 4 models
           (N = 1.5k-135k) x 4 D (66k-524k tokens) x 4 B x 6 lr = 384 trials, 64 cells.

@@ -2,10 +2,13 @@
 
 Each notebook runs in a fresh python3 kernel (nbclient) from the repository root with
 BATCHSCALE_NOTEBOOK_TINY=1, which its parameters cell reads. The kernel gets this process's
-environment minus JAX_PLATFORMS and conftest.py's XLA_FLAGS: the notebook's device cell must
-set up the 8 virtual CPU devices itself, as it does on Colab. A probe cell
-appended to the in-memory copy prints a few of the notebook's variables as JSON; the
-assertions are about those numbers.
+environment without JAX_PLATFORMS, conftest.py's XLA_FLAGS and what importing jax here set:
+the notebook's device cell must set up the 8 virtual CPU devices itself, as it does on Colab.
+A probe cell appended to the in-memory copy prints a few of the notebook's variables as JSON
+(and the kernel's CPU seconds); the assertions are about those numbers.
+
+BATCHSCALE_NOTEBOOK_MODE=sweep (and BATCHSCALE_NOTEBOOK_SWEEP_CONFIG=test) in the environment
+runs scaling_laws.ipynb on a live sweep instead of synthetic rows (minutes, not seconds).
 """
 import json
 import os
@@ -48,9 +51,13 @@ def run_notebook(name):
   """Executes colabs/NAME.ipynb with tiny settings: (probe dict, seconds, executed notebook)."""
   nb = _read(name)
   nb.cells.append(nbformat.v4.new_code_cell(
-      f"import json as _json\nprint({_MARK!r} + _json.dumps({PROBES[name]}, default=float))"))
+      f"import json as _json, time as _time\n"
+      f"print({_MARK!r} + _json.dumps(dict({PROBES[name]}, cpu_s=_time.process_time()), "
+      "default=float))"))
   env = dict(os.environ, BATCHSCALE_NOTEBOOK_TINY="1", BATCHSCALE_NOTEBOOK_TEST="1")
-  env.pop("JAX_PLATFORMS", None)
+  # Also what importing jax in this process set (TF_CPP_MIN_LOG_LEVEL=1, libtpu's paths).
+  for key in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", "TPU_LIBRARY_PATH", "TPU_SKIP_MDS_QUERY"):
+    env.pop(key, None)
   # Not conftest's device count (the notebook asks for its own 8 devices): only a flag that
   # skips LLVM's optimisations, since compiling, not running, is what tiny runs spend their
   # time on (the init of the tiny LM compiles in 2 s instead of 4.5 s of CPU).
@@ -60,10 +67,11 @@ def run_notebook(name):
   start = time.monotonic()
   client.execute(env=env)
   seconds = time.monotonic() - start
-  print(f"{name}.ipynb executed in {seconds:.1f} s")
   text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
   line = next(l for l in text.splitlines() if l.startswith(_MARK))
-  return json.loads(line[len(_MARK):]), seconds, nb
+  probe = json.loads(line[len(_MARK):])
+  print(f"{name}.ipynb executed in {seconds:.1f} s ({probe['cpu_s']:.1f} s of kernel CPU)")
+  return probe, seconds, nb
 
 
 def _errors(nb):
@@ -114,7 +122,7 @@ def test_quickstart():
   # Parameters really are split over fsdp and tensor (the table comes from the arrays).
   specs = out["specs"]
   assert any("fsdp" in v and "tensor" in v for v in specs.values()), specs
-  # Two PNG plots (loss curve, sharding picture is text) at least one image.
+  # The loss curve was drawn.
   assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
 
 
