@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
