@@ -62,11 +62,16 @@ def run_config(model: str, *, batch: int, micro: int, controller: str, max_batch
   return c
 
 
+def _ema(previous, loss):
+  """The loss EMA every run is judged by (the first value starts it)."""
+  return loss if previous is None else EMA * previous + (1 - EMA) * loss
+
+
 def steps_and_tokens_to_target(rows, target):
   """First step at which the EMA of the training loss reaches target, and tokens by then."""
   ema = None
   for row in rows:
-    ema = row["loss"] if ema is None else EMA * ema + (1 - EMA) * row["loss"]
+    ema = _ema(ema, row["loss"])
     if ema <= target:
       return row["step"], row["tokens"], row["batch_size"]
   return None, None, rows[-1]["batch_size"]
@@ -80,7 +85,7 @@ def stop_at(target):
   def hook(step, metrics):
     nonlocal ema
     del step
-    ema = metrics["loss"] if ema is None else EMA * ema + (1 - EMA) * metrics["loss"]
+    ema = _ema(ema, metrics["loss"])
     return ema <= target
   return hook
 
