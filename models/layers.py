@@ -39,7 +39,7 @@ class RMSNorm(nnx.Module):
     return (x * self.scale[...]).astype(x_BxTxD.dtype)
 
 
-def dense(x_BxTx_, w, contract: int = 1):
+def dense(x, w, contract: int = 1):
   """x's last `contract` axes times w's first ones, as one 2-D matmul on flattened axes.
 
   Same result as the einsum, but XLA:CPU runs a 3-D einsum's backward with transposed
@@ -48,7 +48,6 @@ def dense(x_BxTx_, w, contract: int = 1):
   free reshape, except when the sequence axis splits `length` (the partitioner would gather
   it): then it stays an einsum.
   """
-  x = x_BxTx_
   if is_split("length"):
     letters = "abcdefgh"[:x.ndim + w.ndim - 2 * contract]
     lead, out = letters[:x.ndim - contract], letters[x.ndim - contract:]

@@ -58,21 +58,27 @@ def axis_rules(rules):
     _ctx.rules = previous
 
 
-def constrain(x, logical_names):
-  """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
+def _active():
+  """(rules, abstract mesh) of the step being traced, or None outside `axis_rules` and a mesh."""
   rules = getattr(_ctx, "rules", None)
   mesh = jax.sharding.get_abstract_mesh()
-  if rules is None or mesh.empty:
+  return None if rules is None or mesh.empty else (rules, mesh)
+
+
+def constrain(x, logical_names):
+  """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
+  active = _active()
+  if active is None:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_names, rules))
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_names, active[0]))
 
 
 def is_split(logical_name: str) -> bool:
   """Whether the current rules and mesh split this logical axis over more than one device."""
-  rules = getattr(_ctx, "rules", None)
-  mesh = jax.sharding.get_abstract_mesh()
-  if rules is None or mesh.empty:
+  active = _active()
+  if active is None:
     return False
+  rules, mesh = active
   axes = logical_to_spec((logical_name,), rules)[0]
   axes = (axes,) if isinstance(axes, str) else (axes or ())
   return any(mesh.shape[a] > 1 for a in axes)
