@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from experiments import cli
+from experiments import files
 from experiments import trainer
 from experiments.configs import lm as lm_config
 from models import flops as flops_lib
@@ -174,10 +175,7 @@ class _Results:
 
   def put(self, record: dict) -> None:
     self.records[record["key"]] = record
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(list(self.records.values()), f, indent=1)
-    os.replace(tmp, self.path)
+    files.atomic_write(self.path, json.dumps(list(self.records.values()), indent=1))
 
 
 def _loss(record) -> float:

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import dataclasses
 import itertools
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -642,6 +643,29 @@ def fit_critical_batch(B, S, *, target: float = float('nan'), n_boot: int = 200,
                           batch_sizes=tuple(map(float, B)), steps=tuple(map(float, S)))
 
 
+def critical_batch_undetermined(fit: CriticalBatchFit) -> str:
+  """Why the batch sizes measured do not determine this B_crit ('' when they do).
+
+  S = S_min (1 + B_crit/B) pins B_crit only where S bends: a B_crit far below the smallest
+  batch (S flat in B) or far above the largest (E flat in B) drives the least-squares fit to
+  E_min -> 0 or S_min -> 0 (values like 1e-308), which are not results.
+  """
+  lo_b, hi_b = min(fit.batch_sizes), max(fit.batch_sizes)
+  values = [fit.params['S_min'], fit.params['E_min'], fit.params['B_crit'],
+            *fit.intervals['B_crit']]
+  if not all(math.isfinite(v) and v > 0 for v in values):
+    return (f'B_crit {fit.params["B_crit"]:.3g} or its interval is not a finite positive '
+            'number')
+  b, (i_lo, i_hi) = fit.params['B_crit'], fit.intervals['B_crit']
+  if b < lo_b / 10 or i_lo < lo_b / 100:
+    return (f'B_crit {b:.3g} (interval from {i_lo:.3g}) is far below the smallest batch '
+            f'{lo_b:g}: steps do not fall with B here; add smaller batch sizes')
+  if b > 10 * hi_b or i_hi > 100 * hi_b:
+    return (f'B_crit {b:.3g} (interval to {i_hi:.3g}) is far above the largest batch '
+            f'{hi_b:g}: add larger batch sizes')
+  return ''
+
+
 def fit_critical_batch_law(batch_sizes, curves, targets, *, n_boot: int = 200,
                            seed: int = 0, level: float = 0.95,
                            N: float = float('nan')) -> CriticalBatchLaw:
@@ -654,16 +678,21 @@ def fit_critical_batch_law(batch_sizes, curves, targets, *, n_boot: int = 200,
   resample of runs) for intervals that carry the per-target uncertainty.
   """
   B = np.asarray(batch_sizes, float)
-  per_target = []
+  per_target, reasons = [], []
   for t in sorted(map(float, targets), reverse=True):
     S = np.array([steps_to_target(s, l, t) for s, l in curves])
     try:
-      per_target.append(fit_critical_batch(B, S, target=t, n_boot=n_boot, seed=seed,
-                                            level=level))
+      fit = fit_critical_batch(B, S, target=t, n_boot=n_boot, seed=seed, level=level)
     except ValueError:
       continue
+    reason = critical_batch_undetermined(fit)
+    if reason:
+      reasons.append(f'target {t:.4g}: {reason}')
+    else:
+      per_target.append(fit)
   if len(per_target) < 2:
-    raise ValueError('fit_critical_batch_law: fewer than two loss targets could be fitted')
+    raise ValueError('not determined by this grid: fewer than two loss targets have a '
+                     'determined B_crit' + (f' ({reasons[0]})' if reasons else ''))
   logL = np.log([f.target for f in per_target])
   X = np.stack([np.ones_like(logL), logL], 1)
 
@@ -672,12 +701,19 @@ def fit_critical_batch_law(batch_sizes, curves, targets, *, n_boot: int = 200,
     return np.array([np.exp(c[0]), -1 / c[1]]), float(np.sum((log_bcrit - X @ c) ** 2))
 
   point, rss = law(np.log([f.params['B_crit'] for f in per_target]))
+  if not (np.all(np.isfinite(point)) and point[1] > 0):
+    raise ValueError(f'not determined by this grid: alpha_B = {point[1]:.3g} (B_crit does not '
+                     'fall as the loss target rises); add batch sizes or longer runs')
   k = min(len(f.samples['B_crit']) for f in per_target)
   samples = np.array([law(np.log([f.samples['B_crit'][j] for f in per_target]))[0]
                       for j in range(k)]).reshape(-1, 2)
   names = CriticalBatchLaw.names
+  intervals = _intervals(names, samples, level)
+  if not all(math.isfinite(v) for iv in intervals.values() for v in iv):
+    raise ValueError('not determined by this grid: the bootstrap interval of B_star or '
+                     'alpha_B does not close; add batch sizes or loss targets')
   return CriticalBatchLaw(params=dict(zip(names, map(float, point))),
-                          intervals=_intervals(names, samples, level), objective=rss,
+                          intervals=intervals, objective=rss,
                           n=len(per_target), samples=_columns(names, samples),
                           per_target=tuple(per_target),
                           N=float(N))

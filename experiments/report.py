@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
+from experiments import files
 from experiments import laws as laws_lib
 
 DEFAULTS = dict(
@@ -37,6 +38,7 @@ DEFAULTS = dict(
     loss_targets=None,    # critical batch targets; None: chosen from the curves
     n_targets=5,
     seq_len=None,         # tokens per sequence when rows do not say
+    divergence_ratio=1.5,  # a run whose loss exceeds this x its cell's best leaves the lr fits
 )
 
 PLOTS = ('lr_curves.png', 'step_law.png', 'chinchilla.png', 'critical_batch.png')
@@ -99,6 +101,9 @@ def fit_all(results: Sequence[Mapping[str, Any]], config: Mapping | None = None)
                  f'({counts["diverged"]} diverged, {counts["failed"]} failed, '
                  f'{bad - counts["diverged"] - counts["failed"]} ok without a finite loss).')
   laws = {'counts': counts, 'settings': cfg, 'notes': notes}
+  layouts = sorted({r['layout'] for r in results if r.get('layout')})
+  if layouts:  # how the trials were trained (sequential or vectorised), for the record
+    laws['layout'] = ', '.join(layouts)
   col = {k: np.array([_f(r, k) for r in rows]) for k in ('N', 'D', 'B', 'lr', 'loss')}
 
   def attempt(name, fn):
@@ -113,13 +118,20 @@ def fit_all(results: Sequence[Mapping[str, Any]], config: Mapping | None = None)
     key = (col['N'][i], col['D'][i], col['B'][i])
     if math.isfinite(col['lr'][i]) and all(map(math.isfinite, key)):
       cells.setdefault(key, []).append(i)
-  optima = []
+  optima, excluded = [], []
   for key in sorted(cells):
-    idx = cells[key]
+    idx, dropped = _drop_diverged(cells[key], col['loss'], cfg['divergence_ratio'])
+    excluded += [dict(zip('NDB', key), lr=float(col['lr'][i]), loss=float(col['loss'][i]))
+                 for i in dropped]
     if len(idx) >= 2:
       optima.append(laws_lib.optimal_lr(col['lr'][idx], col['loss'][idx],
                                         bandwidth=cfg['lr_bandwidth'], tol=cfg['tol'],
                                         cell=dict(zip('NDB', key))))
+  if excluded:
+    laws['diverged_runs'] = excluded
+    notes.append(f'{len(excluded)} runs left the learning-rate optimum fits: their loss is '
+                 f'above {cfg["divergence_ratio"]:g} x their cell\'s best (diverged runs '
+                 'table; fit.divergence_ratio).')
   if optima:
     laws['lr_optima'] = optima
     edges = sum(o.edge != '' for o in optima)
@@ -187,6 +199,14 @@ def fit_all(results: Sequence[Mapping[str, Any]], config: Mapping | None = None)
   return laws
 
 
+def _drop_diverged(idx, losses, ratio):
+  """(kept, dropped) row indices of one cell: a run whose final loss is above `ratio` x the
+  cell's best diverged to a finite loss, and would pull the fitted optimum towards it."""
+  best = min(losses[i] for i in idx)
+  kept = [i for i in idx if losses[i] <= ratio * best]
+  return kept, [i for i in idx if losses[i] > ratio * best]
+
+
 def _auto_targets(curves, k):
   """k loss targets every curve reaches: from just above the worst final best-loss up to
   halfway to the lowest starting loss."""
@@ -219,8 +239,7 @@ def write_report(results: Sequence[Mapping[str, Any]], laws: dict, out_dir: str)
 
   def put(name, text):
     path = os.path.join(out_dir, name)
-    with open(path, 'w') as f:
-      f.write(text)
+    files.atomic_write(path, text)
     written.append(path)
 
   plots = []
@@ -229,7 +248,8 @@ def write_report(results: Sequence[Mapping[str, Any]], laws: dict, out_dir: str)
     fig = plot(results, laws)
     if fig is not None:
       path = os.path.join(out_dir, name)
-      fig.savefig(path, dpi=100, metadata={'Software': None})
+      with files.atomic_open(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=100, metadata={'Software': None})
       plots.append(name)
       written.append(path)
   put('laws.json', laws_json(laws))
@@ -263,6 +283,8 @@ def markdown(laws: dict, plots: Sequence[str] = ()) -> str:
          f'Rows: {c.get("rows", "?")} (ok {c.get("ok", "?")}, diverged '
          f'{c.get("diverged", "?")}, failed {c.get("failed", "?")}). Only ok rows with a '
          'finite loss enter the fits.', '']
+  if laws.get('layout'):
+    out += [f'Trials trained {laws["layout"]} (config.layout).', '']
   optima = laws.get('lr_optima')
   if optima:
     out += ['## Optimal learning rate per cell', '',
@@ -276,6 +298,13 @@ def markdown(laws: dict, plots: Sequence[str] = ()) -> str:
                  f'{_g(o.params["loss"], ".5g")} | {_g(o.grid_argmin)} | {o.method} | '
                  f'{o.edge or "–"} |')
     out.append('')
+  diverged = laws.get('diverged_runs')
+  if diverged:
+    out += ['## Runs left out of the learning-rate optima', '',
+            f'Final loss above {cfg.get("divergence_ratio", 1.5):g} x the best loss of their '
+            '(N, D, B) cell.', '', '| N | D | B | lr | loss |', '|---|---|---|---|---|']
+    out += [f'| {_g(r["N"])} | {_g(r["D"])} | {_g(r["B"])} | {_g(r["lr"])} | '
+            f'{_g(r["loss"], ".5g")} |' for r in diverged] + ['']
   step = laws.get('step_law')
   if step is not None:
     out += ['## Step Law (Li et al. 2025)', '',

@@ -165,3 +165,33 @@ def test_import_csv_missing_column_names_it():
   assert "'loss'" not in msg.split(';')[0]
   with pytest.raises(ValueError, match='unknown'):
     csv_import.import_csv(path, {'params': 'Model Size'})
+
+
+def test_runs_far_above_their_cells_best_leave_the_lr_optima():
+  """A run that diverged to a finite loss (3x the cell's best) would pin lr* next to it."""
+  lrs = [0.01, 0.02, 0.04, 0.08, 0.16]
+  losses = [2.2, 2.1, 2.05, 2.12, 6.3]
+  rows = [dict(N=1e4, D=1e6, B=8, lr=lr, loss=l) for lr, l in zip(lrs, losses)]
+  laws = report.fit_all(rows, {'n_boot': 10})
+  assert laws['diverged_runs'] == [dict(N=1e4, D=1e6, B=8, lr=0.16, loss=6.3)]
+  [optimum] = laws['lr_optima']
+  assert optimum.n == 4 and optimum.params['loss'] >= 2.05 * (1 - 0.0025)
+  assert 'Runs left out of the learning-rate optima' in report.markdown(laws)
+  kept = report.fit_all(rows, {'n_boot': 10, 'divergence_ratio': 10.0})
+  assert 'diverged_runs' not in kept and kept['lr_optima'][0].n == 5
+
+
+def test_degenerate_critical_batch_is_not_determined():
+  """Steps that do not depend on B drive the fit to E_min -> 0 (the 1e-308 of an earlier
+  report): the law must say it is not determined, never print the number."""
+  steps = np.arange(1, 65, dtype=float)
+  losses = 3.0 / np.sqrt(steps)  # the same curve at every batch size
+  curves = [(steps, losses)] * 3
+  with pytest.raises(ValueError, match='not determined by this grid'):
+    laws.fit_critical_batch_law([8, 16, 32], curves, [1.0, 0.8, 0.6], n_boot=20)
+  rows = [dict(N=1e4, D=1e6, B=b, lr=0.01, loss=float(losses[-1]),
+               curve={'steps': steps.tolist(), 'losses': losses.tolist()}) for b in (8, 16, 32)]
+  out = report.fit_all(rows, {'n_boot': 10, 'critical_batch_n_boot': 20})
+  assert 'critical_batch' not in out
+  assert any('not determined by this grid' in n for n in out['notes'])
+  assert '1e-308' not in report.markdown(out) and 'e-3' not in report.laws_json(out)

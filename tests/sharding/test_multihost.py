@@ -202,16 +202,22 @@ def test_launcher_dry_run_prints_each_process_command():
 
 def test_launcher_kills_the_rest_and_returns_the_failure(tmp_path):
   """Process 1 exits 3, process 2 succeeds, process 0 would sleep for a minute: 3 comes
-  back at once."""
+  back at once. Process 1 fails only once the others have logged (marker files), so a loaded
+  machine that starts them late cannot make the launcher kill one before it speaks."""
   script = ("import os, sys, time; i = int(os.environ['JAX_PROCESS_ID']); "
-            "print('hello from', i, os.environ['XLA_FLAGS']); "
+            "print('hello from', i, os.environ['XLA_FLAGS'], flush=True); "
+            f"mark = lambda j: os.path.join({str(tmp_path)!r}, f'logged_{{j}}'); "
+            "open(mark(i), 'w').close(); "
+            "t = time.time(); "
+            "[time.sleep(0.05) for _ in iter(lambda: i == 1 and time.time() - t < 30 and "
+            "not (os.path.exists(mark(0)) and os.path.exists(mark(2))), False)]; "
             "time.sleep(60) if i == 0 else sys.exit(3 if i == 1 else 0)")
   start = time.time()
   proc = subprocess.run(
       [sys.executable, "-m", "launch.local", "--num_processes=3", "--devices_per_process=2",
        f"--log_dir={tmp_path}", "--", sys.executable, "-c", script], cwd=testlib.ROOT,
       env=_env(), capture_output=True, text=True, timeout=60)
-  assert time.time() - start < 30
+  assert time.time() - start < 45
   assert proc.returncode == 3, proc.stderr
   assert "hello from 0 --xla_force_host_platform_device_count=2" in proc.stdout
   assert "process 1 exited with status 3" in proc.stderr
