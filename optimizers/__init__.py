@@ -2,7 +2,8 @@
 from optimizers.adagrad import adagrad, adagrad_norm
 from optimizers.factory import (default_optimizer_config, default_schedule_config,
                                 learning_rate_fn, make_optimizer)
-from optimizers.lamb import default_mask, lamb, lars, resolve_mask
+from optimizers.lamb import default_mask, lamb, resolve_mask
+from optimizers.lars import lars
 from optimizers import schedules
 
 __all__ = [

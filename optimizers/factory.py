@@ -13,9 +13,10 @@ import optax
 from ml_collections import config_dict
 
 from optimizers import schedules
-# Names, not modules: the package re-exports functions `lamb` and `adagrad` that shadow them.
+# Names, not modules: the package re-exports functions `lamb`, `lars`, `adagrad` that shadow them.
 from optimizers.adagrad import adagrad, adagrad_norm
-from optimizers.lamb import lamb, lars, resolve_mask
+from optimizers.lamb import lamb, resolve_mask
+from optimizers.lars import lars
 
 OPTIMIZERS = ("adamw", "lamb", "lars", "sgd", "adagrad", "adagrad_norm")
 SCHEDULES = ("power", "wsd", "warmup_poly", "cosine", "linear", "constant")

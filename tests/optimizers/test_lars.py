@@ -6,7 +6,8 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from optimizers.lamb import default_mask, lars
+from optimizers.lamb import default_mask
+from optimizers.lars import lars
 
 L, D, F = 4, 8, 16
 LR = 0.5
