@@ -54,7 +54,7 @@ BENCHMARK_ONLY = ("optax_lamb",)
 
 
 def optax_lamb() -> optax.GradientTransformation:
-  """optax.lamb as the factory would wrap it (runtime learning rate, PAPERS.md 1.3)."""
+  """optax.lamb as the factory would wrap it (runtime learning rate, docs/papers.md §1.3)."""
   return optax.inject_hyperparams(
       lambda learning_rate: optax.lamb(learning_rate, weight_decay=0.01))(learning_rate=0.0)
 

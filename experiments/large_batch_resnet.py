@@ -8,7 +8,7 @@ Three runs of `experiments/configs/resnet.py` (ResNet-8, width 8, SGD momentum 0
   hoffer_large   batch 256 for the same 16 epochs (89 steps), same lr, plain BN;
   hoffer_recipe  batch 256 with sqrt LR scaling (lr 0.05 x sqrt(256/16) = 0.2), ghost BN
                  (g = 16), regime adaptation (1437 steps, as many as the small batch) and
-                 gradient clipping at norm 5 (PAPERS.md 6).
+                 gradient clipping at norm 5 (docs/papers.md §6).
 It prints a markdown table of the final test accuracy (all 360 test images) and steps.
 Re-running with the same workdir reuses finished runs (each resumes from its checkpoint).
 Any run's field: `--override=hoffer_recipe:model.ghost_batch_size=32` (repeatable).

@@ -3,7 +3,7 @@ r"""Large-batch study: final eval loss of AdamW, LAMB and LARS against batch siz
   nice -n 5 python -m experiments.large_batch_study \
       --config=experiments/configs/large_batch.py:cpu --workdir=/tmp/large_batch
 
-You et al. 2020 §4 (PAPERS.md 1.4) on a decoder LM: a fixed token budget per run, so larger
+You et al. 2020 §4 (docs/papers.md §1.4) on a decoder LM: a fixed token budget per run, so larger
 batches take proportionally fewer steps; the square-root lr rule from the base batch B0; linear
 warmup then polynomial decay. Two stages, each run one `experiments.trainer.train` call:
   1. lr check: every optimizer at B0 with base_lr x each of `lr_check_factors`. The runs differ
@@ -87,7 +87,7 @@ def warmup_steps(study, batch_size: int) -> int:
 
 
 def peak_lr(study, optimizer: str, batch_size: int, factor: float = 1.0) -> float:
-  """base_lr x factor x (B/B0)^p: the schedule's peak at batch size B (PAPERS.md 5, 6)."""
+  """base_lr x factor x (B/B0)^p: the schedule's peak at batch size B (docs/papers.md §5, §6)."""
   p = schedules.batch_size_exponent(study.batch_size_rule)
   return study.base_lr[optimizer] * factor * (batch_size / study.base_batch_size) ** p
 

@@ -142,7 +142,7 @@ class ChinchillaFit(Fit):
     return chinchilla_loss(N, D, p['E'], p['A'], p['B'], p['alpha'], p['beta'])
 
   def compute_optimal(self, C, samples: bool = False):
-    """(N_opt, D_opt) at compute C ≈ 6ND (Hoffmann et al. 2022, Eq. 4; PAPERS.md 9.7)."""
+    """(N_opt, D_opt) at compute C ≈ 6ND (Hoffmann et al. 2022, Eq. 4; docs/papers.md §9.7)."""
     p = self.values(samples)
     return compute_optimal(C, p['A'], p['B'], p['alpha'], p['beta'])
 

@@ -1,4 +1,4 @@
-"""AdaGrad and AdaGradNorm as in Lau, Liu, Kolar 2024 (AdAdaGrad, arXiv 2402.11215; PAPERS 3.1)."""
+"""AdaGrad and AdaGradNorm as in Lau, Liu, Kolar 2024 (AdAdaGrad; docs/papers.md §3)."""
 from typing import NamedTuple
 
 import jax

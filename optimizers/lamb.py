@@ -34,7 +34,7 @@ def default_mask(params) -> Any:
 
   False for `bias` leaves and for every leaf under a module whose name contains "norm"
   (LayerNorm/RMSNorm `scale`, `bias`): TF `exclude_from_weight_decay=["LayerNorm",
-  "layer_norm", "bias"]`, reused for `exclude_from_layer_adaptation` (PAPERS.md 1.1).
+  "layer_norm", "bias"]`, reused for `exclude_from_layer_adaptation` (docs/papers.md §1.1).
   """
   def keep(path, _):
     names = [_key_name(k).lower() for k in path]
@@ -100,7 +100,7 @@ def scale_by_layer_trust_ratio(
 
 
 def scale_by_adam_uncorrected(b1=0.9, b2=0.999, eps=1e-6) -> optax.GradientTransformation:
-  """r = m/(sqrt(v)+ε) without bias correction (Google/ALBERT `lamb_optimizer.py`, PAPERS.md 1.1).
+  """r = m/(sqrt(v)+ε) without bias correction (ALBERT `lamb_optimizer.py`, docs/papers.md §1.1).
 
   `optax.scale_by_adam` always bias-corrects, so this variant is written out; it keeps
   `optax.ScaleByAdamState` so checkpoints look the same either way.
@@ -133,7 +133,7 @@ def lamb(
     layer_axis=None,
     adaptation_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
-  """LAMB, You et al. 2020 Alg. 2 (PAPERS.md 1.1).
+  """LAMB, You et al. 2020 Alg. 2 (docs/papers.md §1.1).
 
   r = m̂/(sqrt(v̂)+ε), u = r + λx, x ← x − η φ(‖x‖)/‖u‖ u, per layer (slice).
   `mask` selects decay AND adaptation (None = `default_mask`); `adaptation_mask` overrides the

@@ -15,7 +15,7 @@ def scale_by_lars(
     weight_decay: float = 0.0, trust_coefficient: float = 0.001, eps: float = 0.0,
     mask: MaskOrFn = None, layer_axis=None,
 ) -> optax.GradientTransformation:
-  """g ← local_lr·(g + λx), local_lr = η_trust‖x‖/(‖g‖ + λ‖x‖ + ε) per layer (PAPERS.md 1.2).
+  """g ← local_lr·(g + λx), local_lr = η_trust‖x‖/(‖g‖ + λ‖x‖ + ε) per layer (docs/papers.md §1.2).
 
   Written out because optax.lars adds decay first and divides by ‖g + λx‖, not ‖g‖ + λ‖x‖, and
   is per leaf. Masked-out leaves: no decay, local_lr = 1. A zero norm gives local_lr = 1.
@@ -47,7 +47,7 @@ def lars(
     mask: MaskOrFn = None,
     layer_axis=None,
 ) -> optax.GradientTransformation:
-  """LARS, You, Gitman, Ginsburg 2017 Alg. 1 (PAPERS.md 1.2).
+  """LARS, You, Gitman, Ginsburg 2017 Alg. 1 (docs/papers.md §1.2).
 
   m = μm + η·local_lr·(g + λx), x ← x − m; momentum after the lr as in the paper (so lr changes
   are smoothed by momentum). Default weight_decay 5e-4: the LARS paper's AlexNet runs [MEM,

@@ -55,14 +55,14 @@ def power(
     decay: str = "exp",
     decay_final_ratio: float = 0.01,
 ):
-  """Power Scheduler, Shen et al. 2024 Eq. 7 with linear warmup and optional final decay (§2.2).
+  """Power Scheduler, Shen et al. 2024 Eq. 7 with linear warmup and optional final decay.
 
   η(n) = (n/N_w)·η_power(N_w) for n < N_w; η_power(n) after; for n > N − N_decay
   (`decay_start_tokens`) η = f(p)·η_power(N − N_decay), p = progress through `decay_tokens`,
-  f = r^p ('exp') or 1 − (1 − r)p ('linear'), r = `decay_final_ratio` (decay form: PAPERS.md
-  2.2 [MEM]). `tokens` is the real token history (summed over realised batch sizes) and
-  `batch_size` the current β, so the value never depends on the planned run length and a
-  mid-run batch change takes effect at once. Defaults: IBM config a=4, b=−0.51, η_max=0.02.
+  f = r^p ('exp') or 1 − (1 − r)p ('linear'), r = `decay_final_ratio` (decay form:
+  docs/papers.md §2.2 [MEM]). `tokens` is the real token history (summed over realised batch
+  sizes) and `batch_size` the current β, so the value never depends on the planned run length
+  and a mid-run batch change takes effect at once. Defaults: IBM config a=4, b=−0.51, η_max=0.02.
   """
   n = _f(tokens)
   eta = lambda m: power_law_lr(m, batch_size, a=a, b=b, lr_max=lr_max)
@@ -137,7 +137,7 @@ def cosine(step, *, peak: float, warmup_steps, total_steps, final_lr: float = 0.
 
 
 def linear(step, *, peak: float, warmup_steps, total_steps, final_lr: float = 0.0):
-  """Warmup + linear decay η(1 − t/T) (Defazio et al. 2023, arXiv 2310.07831; PAPERS.md 9.4)."""
+  """Warmup + linear decay η(1 − t/T) (Defazio et al. 2023; docs/papers.md §9.4)."""
   p = _progress(step, _f(warmup_steps), _f(total_steps) - _f(warmup_steps))
   return _warmup_then(step, peak, warmup_steps, final_lr + (peak - final_lr) * (1.0 - p))
 
@@ -163,7 +163,7 @@ def batch_size_exponent(rule: Union[str, float]) -> float:
 
 def batch_size_lr(lr0, batch_size, base_batch_size, rule: Union[str, float] = "sqrt"):
   """lr(B) = lr(B0)·(B/B0)^p: p=1 Goyal et al. 2017 / Granziol et al. 2022 (SGD); p=0.5 Hoffer
-  et al. 2017 §4 and Granziol et al. (Adam) (PAPERS.md 5, 6). B and B0 in the same units.
+  et al. 2017 §4 and Granziol et al. (Adam) (docs/papers.md §5, §6). B and B0 in the same units.
   """
   p = batch_size_exponent(rule)
   return _f(lr0) * (_f(batch_size) / _f(base_batch_size)) ** p

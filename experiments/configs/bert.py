@@ -2,7 +2,7 @@
 
 The recipe: most steps on short sequences, the rest on long ones, a batch size per phase,
 a linear warmup + linear (power 1) decay per phase, the learning rate re-warmed from 0 at the
-phase change, and LAMB's state carried over (PAPERS.md 1.4). Each phase is one run; phase 2
+phase change, and LAMB's state carried over (docs/papers.md §1.4). Each phase is one run; phase 2
 starts from phase 1's workdir, whose latest checkpoint gives params, optimizer state, step and
 token count (`config.init_from`); its data pipeline starts fresh at the new length:
 
@@ -23,7 +23,7 @@ Variants:
          phase 1 seq 128, batch 65536, 7037 steps; phase 2 seq 512, batch 32768, 1562 steps
          (8599 in all, You et al. 2020 Table 1; 76 min on 1024 TPUv3 chips for BERT-Large).
          Peak lr 6e-3 / 4e-3 with 2000 / 200 warmup steps, the values of NVIDIA's public
-         LAMB BERT recipe for these batches [MEM, unconfirmed: PAPERS.md 1.4].
+         LAMB BERT recipe for these batches [MEM, unconfirmed: docs/papers.md §1.4].
   large  BERT-Large shapes (d=1024, 24 layers, 16 heads, MLP 4096, ~340M) with the same
          recipe: the run of the paper's Table 1.
   base/large read a TFDS text corpus with a SentencePiece model (30k, `train_sentencepiece`):

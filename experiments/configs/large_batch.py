@@ -3,7 +3,7 @@
   nice -n 5 python -m experiments.large_batch_study \
       --config=experiments/configs/large_batch.py:cpu --workdir=/tmp/large_batch
 
-The batch-scaling experiment of You et al. 2020 (LAMB, §4 and PAPERS.md 1.4) on a decoder LM:
+The batch-scaling experiment of You et al. 2020 (LAMB, §4; docs/papers.md §1.4) on a decoder LM:
 every batch size sees the same number of tokens, so a batch 4x larger takes 4x fewer steps;
 the peak lr follows the square-root rule lr(B) = lr(B0)·sqrt(B/B0) from the base batch B0, with
 linear warmup then linear (power 1) decay to 0 (schedule 'warmup_poly'). Before the batch

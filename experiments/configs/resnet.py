@@ -11,7 +11,7 @@ Variants (digits is built from scikit-learn's bundled copy, no download):
   hoffer_large   batch 256, same epochs (so 16x fewer steps: 89), same lr, plain BN.
   hoffer_recipe  batch 256 with the recipe: sqrt LR scaling (lr x sqrt(B/B0) = 0.2), ghost
                  BN with g = B0, regime adaptation (the small batch's 1437 updates) and the
-                 reference code's gradient clipping at norm 5 (PAPERS.md 6).
+                 reference code's gradient clipping at norm 5 (docs/papers.md §6).
                  `python -m experiments.large_batch_resnet` runs the three and prints a table
                  (measured: test accuracy 0.975 / 0.486 / 0.992).
   cifar20 / cifar56   He et al. 2016 §4.2 on `tfds:cifar10` (prepare it with TFDS first):

@@ -166,8 +166,8 @@ def test_chinchilla():
   # Epoch AI's grid + L-BFGS replication (tests/testdata/README.md).
   assert abs(p["alpha"] - 0.347) < 0.01 and abs(p["beta"] - 0.367) < 0.01, p
   assert abs(p["E"] - 1.817) < 0.01, p
-  # From Hoffmann et al.'s constants, scipy's default tolerances stop near them (PAPERS.md
-  # 9.7); fit_chinchilla's tight ones reach the grid's optimum.
+  # From Hoffmann et al.'s constants, scipy's default tolerances stop near them
+  # (docs/papers.md §9.7); fit_chinchilla's tight ones reach the grid's optimum.
   assert out["one_start"]["beta"] < 0.3 < p["beta"]
   assert abs(out["tight_start"]["beta"] - p["beta"]) < 1e-3
   assert 15 < out["tokens_per_param"] < 25, out["tokens_per_param"]

@@ -12,7 +12,7 @@ from experiments import laws
 
 TESTDATA = os.path.join(os.path.dirname(__file__), '..', 'testdata')
 
-# Step Law constants (Li et al. 2025, PAPERS.md 4.1) and a Chinchilla-like L(N, D).
+# Step Law constants (Li et al. 2025, docs/papers.md §4.1) and a Chinchilla-like L(N, D).
 LR_C, ALPHA, BETA = 1.79, -0.713, 0.307
 B_C, GAMMA = 0.58, 0.571
 CHIN = dict(E=1.8, A=480.0, B=2100.0, alpha=0.35, beta=0.37)
@@ -195,7 +195,7 @@ def test_chinchilla_reproduces_epoch_ai_replication():
   assert fit.objective < 0.0010185  # the full 4,500-start optimum is 0.00101827
   assert np.median(np.abs(fit.loss(N[keep], D[keep]) / loss[keep] - 1)) < 0.01
   assert elapsed < 60
-  # Exponents of compute-optimal scaling (PAPERS.md 9.7: N_opt ∝ C^0.514).
+  # Exponents of compute-optimal scaling (docs/papers.md §9.7: N_opt ∝ C^0.514).
   assert p['a'] == pytest.approx(0.514, abs=0.01)
   n_opt, d_opt = fit.compute_optimal(5.76e23)
   assert n_opt == pytest.approx(7.2e10, rel=0.1) and d_opt == pytest.approx(1.33e12, rel=0.1)

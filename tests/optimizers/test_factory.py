@@ -1,4 +1,4 @@
-"""make_optimizer, learning_rate_fn, and AdaGrad(Norm) vs NumPy (Lau et al. 2024, PAPERS 3.1)."""
+"""make_optimizer, learning_rate_fn, AdaGrad(Norm) vs NumPy (Lau et al. 2024; docs/papers.md §3)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""LAMB vs a NumPy transcription of You et al. 2020 Alg. 2 (PAPERS.md 1.1, 1.5)."""
+"""LAMB vs a NumPy transcription of You et al. 2020 Alg. 2 (docs/papers.md §1.1, §1.5)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,7 +64,7 @@ def slices(x, axis):
 
 def np_lamb(params, grads, *, lr=LR, b1=0.9, b2=0.999, eps=1e-6, wd=0.01, bias_correction=True,
             phi_clip=None, decay=None, adapt=None, axes=None):
-  """NumPy LAMB, transcribed from PAPERS.md 1.1; returns the update of the last step."""
+  """NumPy LAMB, transcribed from docs/papers.md §1.1; returns the update of the last step."""
   x, keys = flat(params), list(flat(params))
   decay = flat(decay) if decay is not None else {k: True for k in keys}
   adapt = flat(adapt) if adapt is not None else decay
@@ -144,7 +144,7 @@ def test_default_mask_excludes_biases_and_norms():
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_update_norm_is_lr_times_param_norm(wd):
-  """φ = id: ‖Δx_i‖ = η‖x_i‖ for every adapted slice, whatever the gradient (PAPERS.md 1.5)."""
+  """φ = id: ‖Δx_i‖ = η‖x_i‖ for each adapted slice, whatever the gradient (docs/papers.md §1.5)."""
   params = make_params()
   axes = layer_axis_of(params)
   _, ups = run(lamb(LR, weight_decay=wd, mask=True, layer_axis=axes), params,
@@ -262,7 +262,7 @@ def test_inject_hyperparams_runtime_lr_without_retrace():
 
 
 def test_optax_doctest_values():
-  """optax.lamb doctest (PAPERS.md 1.5): f(w)=Σw², w0=[1,2,3], lr 0.003, no weight decay."""
+  """optax.lamb doctest (docs/papers.md §1.5): f(w)=Σw², w0=[1,2,3], lr 0.003, no weight decay."""
   f = lambda w: jnp.sum(w ** 2)
   opt = lamb(0.003, weight_decay=0.0)
   w = jnp.array([1.0, 2.0, 3.0])

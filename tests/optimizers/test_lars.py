@@ -1,4 +1,4 @@
-"""LARS vs a NumPy transcription of You, Gitman, Ginsburg 2017 (PAPERS.md 1.2)."""
+"""LARS vs a NumPy transcription of You, Gitman, Ginsburg 2017 (docs/papers.md §1.2)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,7 +99,7 @@ def test_matches_numpy_reference(nesterov, wd, eps):
 
 
 def test_optax_doctest_values():
-  """optax.lars doctest (PAPERS.md 1.5): f stays 1.40E+01 for 5 steps at lr 0.003."""
+  """optax.lars doctest (docs/papers.md §1.5): f stays 1.40E+01 for 5 steps at lr 0.003."""
   f = lambda w: jnp.sum(w ** 2)
   opt = lars(0.003, weight_decay=0.0)
   w = jnp.array([1.0, 2.0, 3.0])

@@ -1,4 +1,4 @@
-"""Schedules vs the papers' formulas (PAPERS.md 2.2-2.3, 5, 6, 9.4)."""
+"""Schedules vs the papers' formulas (docs/papers.md §2.2-2.3, §5, §6, §9.4)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 from optimizers import schedules as S
 
-SEQ = 4096  # tokens per sequence in the IBM config (PAPERS.md 2.3)
+SEQ = 4096  # tokens per sequence in the IBM config (docs/papers.md §2.3)
 
 
 def val(x):
@@ -178,7 +178,7 @@ def test_batch_size_lr(rule, p):
 
 
 def test_batch_size_lr_hoffer_sqrt():
-  """Hoffer et al. `--lr_bb_fix`: lr = lr0 * (B/128)^0.5 (PAPERS.md 6)."""
+  """Hoffer et al. `--lr_bb_fix`: lr = lr0 * (B/128)^0.5 (docs/papers.md §6)."""
   np.testing.assert_allclose(val(S.batch_size_lr(0.1, 512, 128, "sqrt")), 0.2, rtol=1e-6)
   with pytest.raises(ValueError, match="sqrt"):
     S.batch_size_lr(0.1, 512, 128, "cuberoot")
