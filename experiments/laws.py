@@ -504,7 +504,8 @@ def _chinchilla_params(theta):
 
 def fit_chinchilla(N, D, loss, *, mask=None, delta: float = 1e-3, grid='small',
                    n_boot: int = 100, seed: int = 0, level: float = 0.95,
-                   ftol: float = 1e-12, gtol: float = 1e-9) -> ChinchillaFit:
+                   ftol: float = 1e-12, gtol: float = 1e-9,
+                   n_restarts: int = 4) -> ChinchillaFit:
   """Chinchilla approach 3 (Hoffmann et al. 2022 App. D.2; Besiroglu et al. 2024).
 
   Minimises `chinchilla_objective` (Huber, delta 1e-3, on log L via log-sum-exp) with
@@ -516,7 +517,7 @@ def fit_chinchilla(N, D, loss, *, mask=None, delta: float = 1e-3, grid='small',
 
   mask: True for points to use; censored points (diverged trials) are passed as False and
   excluded, as are non-finite losses. Intervals: `n_boot` bootstrap resamples of the points,
-  each refitted from the best fit (one start).
+  each refitted from the best fit and `n_restarts` - 1 other local optima of the grid.
   """
   N, D, loss = (np.asarray(a, float) for a in (N, D, loss))
   use = _positive_finite(N, D, loss)
@@ -538,17 +539,21 @@ def fit_chinchilla(N, D, loss, *, mask=None, delta: float = 1e-3, grid='small',
     return optimize.minimize(chinchilla_objective, x0, args=(logN, logD, logL, delta, weights),
                              jac=True, method='L-BFGS-B', options=opts)
 
-  best = None
   rng = np.random.default_rng(seed)
   draws = []
   with one_blas_thread():
-    for x0 in starts:
-      res = solve(x0)
-      if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
-        best = res
+    fits = [res for res in map(solve, starts) if np.isfinite(res.fun)]
+    fits.sort(key=lambda r: r.fun)
+    best = fits[0]
+    # Each resample restarts from the best fit and from the best few other basins: refits
+    # from the best fit alone stay in its basin and give confident, wrong intervals when the
+    # grid admits several (2 N x 3 D: coverage of alpha 1 in 20 draws).
+    restarts = [best.x] + [r.x for r in fits[1:]
+                           if np.max(np.abs(r.x - best.x)) > 1e-3][:n_restarts - 1]
     for _ in range(n_boot):
       counts = np.bincount(rng.integers(0, len(logL), len(logL)), minlength=len(logL))
-      draws.append(solve(best.x, counts.astype(float)).x)
+      refits = [solve(x0, counts.astype(float)) for x0 in restarts]
+      draws.append(min(refits, key=lambda r: r.fun if np.isfinite(r.fun) else np.inf).x)
   names = ChinchillaFit.names
   samples = _chinchilla_params(np.array(draws).reshape(-1, 5))
   return ChinchillaFit(params=dict(zip(names, map(float, _chinchilla_params(best.x)))),
@@ -558,6 +563,30 @@ def fit_chinchilla(N, D, loss, *, mask=None, delta: float = 1e-3, grid='small',
                        n_excluded=int(len(loss) - use.sum()),
                        C_range=(float(6 * np.exp(logN + logD).min()),
                                 float(6 * np.exp(logN + logD).max())))
+
+
+def chinchilla_undetermined(fit: ChinchillaFit | None, n_N: int, n_D: int) -> str:
+  """Why a grid with n_N model sizes and n_D token budgets does not determine L(N, D)
+  ('' when it does): E, A/N^alpha and B/D^beta trade off along a valley unless each of N
+  and D takes at least 3 values; a fit in that valley reaches objective ~0 at any alpha."""
+  if n_N < 3 or n_D < 3:
+    return (f'L(N, D) needs at least 3 distinct N and 3 distinct D, the grid has {n_N} N and '
+            f'{n_D} D; add ' + ' and '.join(x for x, n in (('model sizes', n_N),
+                                                           ('token budgets', n_D)) if n < 3))
+  if fit is None:
+    return ''
+  for name in ChinchillaFit.names:
+    lo, hi = fit.intervals[name]
+    value = fit.params[name]
+    if not all(math.isfinite(v) for v in (value, lo, hi)):
+      return f'{name} = {value:.3g} or its interval is not finite'
+    if name in ('E', 'A', 'B') and not lo > 1e-6 * max(value, 1e-300):
+      return (f'{name} = {value:.3g} with interval from {lo:.3g}: driven to 0, the grid does '
+              'not pin it; add model sizes or token budgets')
+    if name in ('alpha', 'beta') and not (1e-3 < lo and hi < 5):
+      return (f'{name} interval [{lo:.3g}, {hi:.3g}] does not close on an exponent in '
+              '(0.001, 5); add model sizes or token budgets')
+  return ''
 
 
 # ----------------------------------------------------------------------------------------

@@ -62,10 +62,18 @@ def prediction(laws: dict, N: float, D: float, *, seq_len: int | None = None,
   from experiments import laws as laws_lib  # pylint: disable=g-import-not-at-top
   if not (N > 0 and D > 0):
     raise ValueError(f"--params={N} and --tokens={D} must be positive.")
+  for law, why in sorted((laws.get("undetermined") or {}).items()):
+    if law in ("chinchilla", "step_law"):
+      raise ValueError(f"{law}: not determined by this grid ({why}); no prediction.")
   est = laws_lib.predict(laws, N, D, level=level)
   if "lr" not in est and "loss" not in est:
     raise ValueError("the laws hold neither a Step Law nor L(N, D) fit; see the report's "
                      "notes for why.")
+  floor = (laws.get("irreducible_loss") or {}).get("known_E")
+  if "loss" in est and floor is not None and est["loss"].value < floor:
+    raise ValueError(f"chinchilla: the predicted loss {est['loss'].value:.4g} is below the "
+                     f"corpus's known entropy rate {floor:.4g}; the fit is biased (see the "
+                     "report's irreducible-loss table), no prediction.")
   out = {"N": N, "D": D, "estimates": est, "overrides": [], "outside": []}
   step = laws.get("step_law")
   if step is not None:
@@ -93,8 +101,10 @@ def prediction(laws: dict, N: float, D: float, *, seq_len: int | None = None,
     if not seen and laws.get("chinchilla") is not None:
       continue
     if seen and not min(seen) <= value <= max(seen):
-      out["outside"].append(f"{name}={value:.3g} is outside the sweep's range "
-                            f"[{min(seen):.3g}, {max(seen):.3g}]: extrapolating")
+      factor = value / max(seen) if value > max(seen) else min(seen) / value
+      side = "above the largest" if value > max(seen) else "below the smallest"
+      out["outside"].append(f"{name}={value:.3g} is {factor:.3g}x {side} fitted {name} "
+                            f"(range [{min(seen):.3g}, {max(seen):.3g}]): extrapolating")
   return out
 
 

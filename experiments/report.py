@@ -100,7 +100,8 @@ def fit_all(results: Sequence[Mapping[str, Any]], config: Mapping | None = None)
     notes.append(f'{bad} of {counts["rows"]} rows excluded from all fits '
                  f'({counts["diverged"]} diverged, {counts["failed"]} failed, '
                  f'{bad - counts["diverged"] - counts["failed"]} ok without a finite loss).')
-  laws = {'counts': counts, 'settings': cfg, 'notes': notes}
+  undetermined = {}  # law -> why this grid does not determine it (predict refuses these)
+  laws = {'counts': counts, 'settings': cfg, 'notes': notes, 'undetermined': undetermined}
   layouts = sorted({r['layout'] for r in results if r.get('layout')})
   if layouts:  # how the trials were trained (sequential or vectorised), for the record
     laws['layout'] = ', '.join(layouts)
@@ -156,12 +157,18 @@ def fit_all(results: Sequence[Mapping[str, Any]], config: Mapping | None = None)
   if best:
     nd = np.array(sorted(best))
     loss = np.array([best[tuple(k)] for k in nd])
-    if len(np.unique(nd[:, 0])) < 2 or len(np.unique(nd[:, 1])) < 2:
-      notes.append('chinchilla not fitted: needs two or more distinct N and D')
-    else:
+    distinct = len(np.unique(nd[:, 0])), len(np.unique(nd[:, 1]))
+    reason = laws_lib.chinchilla_undetermined(None, *distinct)
+    if not reason:
       attempt('chinchilla', lambda: laws_lib.fit_chinchilla(
           nd[:, 0], nd[:, 1], loss, grid=cfg['chinchilla_grid'],
           n_boot=cfg['chinchilla_n_boot'], seed=seed, level=level))
+      if 'chinchilla' in laws:
+        reason = laws_lib.chinchilla_undetermined(laws['chinchilla'], *distinct)
+    if reason:
+      laws.pop('chinchilla', None)
+      undetermined['chinchilla'] = reason
+      notes.append(f'chinchilla: not determined by this grid: {reason}.')
 
   # Critical batch size per N, from the curve of each batch size's best run.
   crit = []
@@ -185,6 +192,8 @@ def fit_all(results: Sequence[Mapping[str, Any]], config: Mapping | None = None)
           level=level, N=n))
     except ValueError as e:
       notes.append(f'critical batch at N={n:.4g} not fitted: {e}')
+      if 'not determined' in str(e):
+        undetermined[f'critical_batch at N={n:.4g}'] = str(e)
   if crit:
     laws['critical_batch'] = crit
 
@@ -342,6 +351,10 @@ def markdown(laws: dict, plots: Sequence[str] = ()) -> str:
             'lr_opt / B = a · D^b over the interior per-cell optima (B in sequences).', '']
     schedule = json.dumps(power.schedule_config(), sort_keys=True)
     out += _param_table(power, level) + ['', f'Schedule config: `{schedule}`', '']
+  if laws.get('undetermined'):
+    out += ['## Not determined by this grid', '',
+            'No numbers are reported for these laws, and `experiments.predict` refuses them.', '']
+    out += [f'- **{law}**: {why}' for law, why in sorted(laws['undetermined'].items())] + ['']
   if laws.get('notes'):
     out += ['## Notes', ''] + [f'- {n}' for n in laws['notes']] + ['']
   if plots:

@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from experiments import laws as laws_lib
@@ -102,3 +103,31 @@ def test_fit_cli_on_the_chinchilla_csv_then_predict(tmp_path):
   bad = testlib.run_cli("experiments.fit", f"--workdir={tmp_path}", f"--csv={CSV}",
                         "--mapping=N:params,C:Training FLOP,loss:loss")
   assert bad.returncode == 2 and "'params'" in bad.stderr and "Model Size" in bad.stderr
+
+
+def _chinchilla_rows(Ns, Ds, noise=0.0, seed=0):
+  rng = np.random.default_rng(seed)
+  return [dict(N=n, D=d, B=8, lr=0.01, loss=float(laws_lib.chinchilla_loss(
+      n, d, 1.5, 400.0, 1200.0, 0.3, 0.3) * (1 + noise * rng.normal()))) for n in Ns for d in Ds]
+
+
+def test_two_model_sizes_do_not_determine_l_of_n_d(tmp_path):
+  """Noise-free L = E + A/N^a + B/D^b on 2 N x 3 D: a fit reaches objective ~0 at the wrong
+  alpha, so it is reported 'not determined', with no numbers, and predict refuses it."""
+  rows = _chinchilla_rows([1e4, 1e5], [1e6, 4e6, 1.6e7])
+  fitted = report.fit_all(rows, test_report.FAST)
+  assert "chinchilla" not in fitted
+  assert "3 distinct N" in fitted["undetermined"]["chinchilla"]
+  report.write_report(rows, fitted, str(tmp_path / "report"))
+  md = (tmp_path / "report" / "report.md").read_text()
+  assert "Not determined by this grid" in md and "L(N, D) = E +" not in md
+  proc = testlib.run_cli("experiments.predict", f"--workdir={tmp_path}", "--params=1e6",
+                         "--tokens=1e8")
+  assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+  assert "chinchilla: not determined by this grid" in proc.stderr
+
+
+def test_prediction_outside_the_fitted_range_says_how_far(sweep_dir):
+  _, laws = sweep_dir
+  p = predict.prediction(laws, 1.6e8, 4e8, seq_len=SEQ_LEN)
+  assert any("10x above the largest fitted N" in note for note in p["outside"]), p["outside"]
