@@ -1,4 +1,8 @@
-"""What every absl entry point shares: distributed flags and one-line errors.
+"""What every absl entry point shares: distributed flags, help, variant lists, one-line errors.
+
+--help / --helpshort list the entry point's own flags, --helpfull every flag (absl's usage, exit
+1). `--config=experiments/configs/FILE.py:list` prints FILE's variants, one line each, and
+exits 0 without loading any variant or training.
 
 Exit status: 2 for bad input (a config value, a flag, a file), 3 when the run stops on a
 fault of its own (the loss diverged with config.nan_policy='stop', a checkpoint could not be
@@ -94,8 +98,41 @@ def _flag_error(e: BaseException, argv) -> str:
   return _one_line(e).replace("\n", " ")
 
 
+def _listed_config(argv) -> str | None:
+  """PATH of `--config=PATH:list` (or `--config PATH:list`) on the command line, else None."""
+  suffix = ":list"  # experiments.configs.common.LIST (not imported: it imports sharding)
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == "--":
+      break
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith(("--config=", "-config=")):
+      value = arg.split("=", 1)[1]
+    else:
+      continue
+    if value.endswith(suffix):
+      return value[:-len(suffix)]
+  return None
+
+
+def _print_variants(path: str) -> int:
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  try:
+    print(common.format_variants(path), flush=True)
+  except Exception as e:  # noqa: BLE001 - a config file that does not import is bad input
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f"error: --config={path}:{common.LIST}: cannot list its variants ({reason}).",
+          file=sys.stderr)
+    return EXIT_BAD_INPUT
+  return 0
+
+
 def run(main) -> int:
-  """app.run(main) where bad input exits 2 with one line (traceback with --traceback)."""
+  """app.run(main) where bad input exits 2 with one line (traceback with --traceback).
+
+  absl's help flags are defined before the command line is parsed here, so --help/--helpfull
+  print the usage and exit as under a plain app.run; `--config=FILE.py:list` lists variants.
+  """
   def wrapped(argv):
     try:
       return main(argv)
@@ -106,6 +143,10 @@ def run(main) -> int:
       print(config_line or _one_line(e, sys.argv), file=sys.stderr)
       bad_input = config_line is not None or isinstance(e, USER_ERRORS)
       sys.exit(EXIT_BAD_INPUT if bad_input else EXIT_FAULT)
+  listed = _listed_config(sys.argv)
+  if listed is not None:
+    return _print_variants(listed)
+  app.define_help_flags()  # app.run defines them too, but only after our parse below
   try:
     argv = flags.FLAGS(sys.argv)  # parse here, so a bad flag or config key exits 2 in one line
   except Exception as e:  # noqa: BLE001 - everything raised while parsing is bad input

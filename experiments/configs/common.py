@@ -1,7 +1,12 @@
-"""Pieces every config family shares: variant parsing and the training defaults."""
+"""Pieces every config family shares: variant parsing, listing and the training defaults."""
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
+import re
+import textwrap
+import types
 
 import ml_collections
 
@@ -42,6 +47,70 @@ def pick_variant(variant: str, variants: dict, family: str):
   if variant not in variants:
     raise ValueError(f"unknown {family} config variant {variant!r}; valid: {sorted(variants)}.")
   return variants[variant]
+
+
+LIST = "list"  # `--config=FILE.py:list` prints FILE's variants (experiments/cli.py)
+_VARIANT_LINE = re.compile(r"^  (\S+(?: / \S+)*)\s{2,}(\S.*)$")  # "  tiny   text", "  a / b  text"
+
+
+def _described_variants(doc: str) -> dict[str, str]:
+  """Variant -> its description in the docstring's "Variants...:" section (2-space indent)."""
+  described, lines = {}, (doc or "").splitlines()
+  start = next((i + 1 for i, l in enumerate(lines) if re.match(r"^Variants\b.*:\s*$", l)), None)
+  if start is None:
+    return described
+  names, paragraph = [], []
+
+  def flush():
+    text = " ".join(paragraph)
+    first = re.match(r"(.{30,}?\.)(?:\s|$)", text)  # the first sentence, if it fits
+    line = (first.group(1) if first and len(first.group(1)) <= 100 else
+            textwrap.shorten(text, 100, placeholder=" ...", break_on_hyphens=False))
+    for name in names:
+      described.setdefault(name, line.rstrip(":"))
+
+  for line in lines[start:]:
+    if not line.strip() or not line.startswith("  "):
+      break  # the section ends at a blank line or at unindented text
+    m = _VARIANT_LINE.match(line)
+    if m:
+      flush()
+      names, paragraph = m.group(1).split(" / "), [m.group(2).strip()]
+    elif line.startswith("   ") and paragraph and not paragraph[-1].endswith(":"):
+      paragraph.append(line.strip())  # continuation, up to a line that introduces a command
+  flush()
+  return described
+
+
+def list_variants(module: types.ModuleType) -> list[tuple[str, str]]:
+  """(name, one-line description) of each variant of a config module.
+
+  The names are the module's `_VARIANTS` keys (or, without that dict, the names its docstring
+  lists); the descriptions come from the docstring's "Variants:" section.
+  """
+  described = _described_variants(module.__doc__)
+  names = list(getattr(module, "_VARIANTS", None) or described)
+  return [(n, described.get(n, "(not described in the config file's docstring)"))
+          for n in names]
+
+
+def load_config_module(path: str) -> types.ModuleType:
+  """Imports a config file by path, as `--config=PATH` does."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such config file {path!r}")
+  name = "_listed_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def format_variants(path: str) -> str:
+  """What `--config=PATH:list` prints: one line per variant."""
+  rows = list_variants(load_config_module(path))
+  width = max(len(n) for n, _ in rows)
+  head = f"{path} variants (--config={path}:NAME[,field=value,...]):"
+  return "\n".join([head] + [f"  {n.ljust(width)}  {d}" for n, d in rows])
 
 
 def training_defaults() -> ml_collections.ConfigDict:
