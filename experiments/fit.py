@@ -3,7 +3,8 @@ r"""Re-fit the scaling laws and rewrite the report, from a sweep's store or an i
   python -m experiments.fit --workdir=/tmp/sweep
   python -m experiments.fit --workdir=/tmp/chinchilla \
       --csv=tests/testdata/chinchilla_svg_extracted.csv \
-      --mapping="N:Model Size,C:Training FLOP,loss:loss"
+      --mapping="N:Model Size,C:Training FLOP,loss:loss" --drop_highest=5
+      (the README's Chinchilla figures: Epoch AI's replication leaves out the 5 worst points)
   python -m experiments.fit --workdir=/tmp/steplaw --csv=dense_lr_bs_loss.csv \
       --mapping="N:N,D:D,B:bs,lr:lr,loss:smooth loss" --constants=seq_len:2048
 
@@ -34,6 +35,9 @@ _CONSTANTS = flags.DEFINE_string("constants", None, "ours:value pairs for every 
                                  "e.g. 'seq_len:2048'.")
 _STORAGE = flags.DEFINE_string("storage", None, "Optuna storage URL (default: the sweep's).")
 _OUT = flags.DEFINE_string("out", None, "Report directory (default <workdir>/report).")
+_DROP_HIGHEST = flags.DEFINE_integer(
+    "drop_highest", 0, "Leave out the K rows with the highest loss before fitting, as Epoch "
+    "AI's replication of Chinchilla does with K=5 (outliers of the digitised plot).")
 cli.define_distributed_flags()  # for --traceback
 
 
@@ -51,6 +55,16 @@ def parse_pairs(text: str | None, flag: str, numbers: bool = False) -> dict:
         raise ValueError(f"--{flag}: {part!r}: the value must be a number.") from None
     out[key] = value
   return out
+
+
+def drop_highest(rows: list[dict], k: int) -> list[dict]:
+  """rows without the k of highest finite loss (the order of the rest kept)."""
+  if k <= 0:
+    return rows
+  finite = [i for i, r in enumerate(rows) if isinstance(r.get("loss"), float)
+            and r["loss"] == r["loss"] and abs(r["loss"]) != float("inf")]
+  worst = set(sorted(finite, key=lambda i: rows[i]["loss"])[-k:])
+  return [r for i, r in enumerate(rows) if i not in worst]
 
 
 def main(argv):
@@ -84,6 +98,9 @@ def main(argv):
     if p["pending"]:
       print(f"note: {p['pending']} of {p['points']} trials are not finished; fitting "
             f"the {len(rows)} that are.", file=sys.stderr)
+  if _DROP_HIGHEST.value < 0:
+    raise ValueError(f"--drop_highest={_DROP_HIGHEST.value}: must be >= 0.")
+  rows = drop_highest(rows, _DROP_HIGHEST.value)
   if not rows:
     raise ValueError(f"--workdir={workdir}: no finished trials to fit.")
   cli.check_workdir(workdir)

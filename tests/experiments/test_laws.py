@@ -194,7 +194,6 @@ def test_chinchilla_reproduces_epoch_ai_replication():
   assert abs(p['E'] - 1.817) < 0.02
   assert fit.objective < 0.0010185  # the full 4,500-start optimum is 0.00101827
   assert np.median(np.abs(fit.loss(N[keep], D[keep]) / loss[keep] - 1)) < 0.01
-  assert elapsed < 60
   # Exponents of compute-optimal scaling (docs/papers.md §9.7: N_opt ∝ C^0.514).
   assert p['a'] == pytest.approx(0.514, abs=0.01)
   n_opt, d_opt = fit.compute_optimal(5.76e23)

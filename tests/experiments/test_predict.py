@@ -131,3 +131,16 @@ def test_prediction_outside_the_fitted_range_says_how_far(sweep_dir):
   _, laws = sweep_dir
   p = predict.prediction(laws, 1.6e8, 4e8, seq_len=SEQ_LEN)
   assert any("10x above the largest fitted N" in note for note in p["outside"]), p["outside"]
+
+
+def test_fit_cli_reproduces_the_readme_chinchilla_figures(tmp_path):
+  """The README's command (Epoch AI's replication: the 5 highest-loss points left out)."""
+  testlib.run_cli(
+      "experiments.fit", f"--workdir={tmp_path}", f"--csv={CSV}",
+      "--mapping=N:Model Size,C:Training FLOP,loss:loss", "--drop_highest=5", check=True)
+  laws = json.loads((tmp_path / "report" / "laws.json").read_text())
+  assert laws["counts"]["rows"] == 240
+  p = laws["chinchilla"]["params"]
+  for key, readme in (("E", 1.8172), ("A", 477.8), ("B", 2143.4), ("alpha", 0.3473),
+                      ("beta", 0.3672)):
+    assert p[key] == pytest.approx(readme, rel=5e-4), key  # 3 significant digits and more
