@@ -11,8 +11,13 @@ Re-running the same command resumes: finished trials are never run again, a tria
 killed resumes from its checkpoint. Several workers may run the command at once on one store:
 on one machine they share the SQLite file; on many machines pass one database to all,
   --storage=postgresql://USER:PASSWORD@HOST/DB
-(each worker writes its own workdir; trials/<id>/ must then be on a shared file system, e.g.
-a gs:// workdir, for a retried trial to resume from its checkpoint). `--nofit` leaves the fit
+or set BATCHSCALE_STORAGE=postgresql://... in the environment (used when neither --storage nor
+config.store.storage is given). The password can come from the URL, from that variable, or
+from libpq's ~/.pgpass (or PGPASSWORD) when the URL has none: postgresql://USER@HOST/DB.
+It is never logged (shown as ***) nor written to sweep_config.json, which keeps the URL
+without its password, so `experiments.fit` and a resumed run need the same source again.
+Each worker writes its own workdir; trials/<id>/ must then be on a shared file system, e.g.
+a gs:// workdir, for a retried trial to resume from its checkpoint. `--nofit` leaves the fit
 to `python -m experiments.fit`. Config errors print one line and exit with status 2.
 """
 from __future__ import annotations

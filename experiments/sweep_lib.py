@@ -317,12 +317,46 @@ def _worker_info() -> dict:
   return dict(_WORKER, started=_process_started(os.getpid()))
 
 
+STORAGE_ENV = "BATCHSCALE_STORAGE"  # the storage URL when neither --storage nor the config has one
+
+
+def masked_url(url: str) -> str:
+  """`url` with its password shown as '***', for logs and messages."""
+  try:
+    from sqlalchemy.engine import make_url  # pylint: disable=g-import-not-at-top
+    return make_url(url).render_as_string(hide_password=True)
+  except Exception:  # pylint: disable=broad-except  (not a URL: mask what looks like one)
+    import re  # pylint: disable=g-import-not-at-top
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
+
+
+def _without_password(url: str) -> str:
+  """`url` with no password: libpq then takes it from ~/.pgpass or PGPASSWORD."""
+  try:
+    from sqlalchemy.engine import make_url  # pylint: disable=g-import-not-at-top
+    u = make_url(url)
+    return u._replace(password=None).render_as_string(hide_password=False) if u.password else url
+  except Exception:  # pylint: disable=broad-except
+    return "" if masked_url(url) != url else url
+
+
 def storage_url(config, workdir: str) -> str:
+  """config.store.storage, else $BATCHSCALE_STORAGE, else sqlite:///WORKDIR/sweep.db.
+
+  A saved config holds the URL without its password (see `save_config`): when
+  $BATCHSCALE_STORAGE names the same database, its URL (with the password) is used.
+  """
+  env = os.environ.get(STORAGE_ENV, "")
   if config.store.storage:
-    return config.store.storage
+    url = config.store.storage
+    if env and _without_password(env) == _without_password(url):
+      return env
+    return url
+  if env:
+    return env
   if "://" in workdir:
     raise ValueError(f"--workdir={workdir}: SQLite needs a local workdir; pass --storage "
-                     "(config.store.storage), e.g. postgresql://USER:PASS@HOST/DB.")
+                     f"(config.store.storage, or ${STORAGE_ENV}), e.g. postgresql://USER@HOST/DB.")
   return f"sqlite:///{os.path.abspath(os.path.join(workdir, 'sweep.db'))}"
 
 
@@ -777,8 +811,12 @@ def enable_compilation_cache(config, workdir: str) -> None:
 
 
 def save_config(config, workdir: str) -> None:
+  """Writes sweep_config.json; store.storage loses its password (never written to disk)."""
+  saved = json.loads(config.to_json_best_effort())
+  if (saved.get("store") or {}).get("storage"):
+    saved["store"]["storage"] = _without_password(saved["store"]["storage"])
   files.atomic_write(os.path.join(workdir, CONFIG_FILE),
-                     config.to_json_best_effort(indent=2, sort_keys=True))
+                     json.dumps(saved, indent=2, sort_keys=True))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -905,6 +943,13 @@ def _report_lock(out_dir: str):
     yield
 
 
+def sweep_line(url: str, progress: dict, added: int) -> str:
+  """The sweep's INFO line; the storage URL's password is masked."""
+  p = progress
+  return (f"sweep {masked_url(url)}: {p['points']} points ({added} new), {p['done']} done, "
+          f"{p['failed']} failed")
+
+
 def run_sweep(config, workdir: str, *, storage: str | None = None, layout: str | None = None,
               fit: bool = True, max_trials: int | None = None) -> dict[str, Any]:
   """Enqueues the grid (idempotently), runs trials until the sweep is done, fits, reports.
@@ -918,8 +963,7 @@ def run_sweep(config, workdir: str, *, storage: str | None = None, layout: str |
   store = open_store(config, workdir, storage)
   added = enqueue_grid(config, store)
   p = store.progress()
-  logging.info("sweep %s: %d points (%d new), %d done, %d failed", storage_url(config, workdir)
-               if storage is None else storage, p["points"], added, p["done"], p["failed"])
+  logging.info(sweep_line(store.url, p, added))
   progress = run_worker(config, workdir, store, layout=layout, max_trials=max_trials)
   out = {"progress": progress}
   if fit and progress["pending"] == 0:
