@@ -28,20 +28,65 @@ def _fmt_duration(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class MetricsLogger:
-  """Writes the same scalars to metrics.jsonl and TensorBoard; prints a progress line."""
+def tb_tag(key: str) -> str:
+  """TensorBoard tag of a metrics key: eval_loss -> eval/loss, loss -> train/loss."""
+  if key.startswith("eval_"):
+    return "eval/" + key[len("eval_"):]
+  return "train/" + key
 
-  def __init__(self, workdir: str, *, total_steps: int, enabled: bool | None = None):
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl without rows past `step` (and any line cut short by a kill)."""
+  if not os.path.exists(path):
+    return
+  kept, changed = [], False
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+        keep = line.endswith("\n") and int(row["step"]) <= step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      if keep:
+        kept.append(line)
+      else:
+        changed = True
+  if not changed:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class MetricsLogger:
+  """Writes the same scalars to metrics.jsonl and TensorBoard; prints a progress line.
+
+  resume_step: the step the run (re)starts from (its checkpoint's step S, 0 for a fresh run).
+  Rows logged after S by a killed process are dropped from metrics.jsonl (rewritten aside,
+  then os.replace) and from TensorBoard (the writer opens with purge_step=S+1), so each step
+  is there once. None leaves both as they are. TensorBoard tags are grouped: train/<key>, and
+  eval/<name> for eval_<name> keys. Events are flushed at every write, so a kill loses none.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, enabled: bool | None = None,
+               resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.total_steps = total_steps
     self._tb = None
     self._jsonl = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step is not None:
+        _drop_rows_after(path, resume_step)
+      self._jsonl = open(path, "a", buffering=1)
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+        purge = None if resume_step is None else resume_step + 1
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard events")
 
@@ -53,7 +98,8 @@ class MetricsLogger:
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-          self._tb.add_scalar(k, v, row["step"])
+          self._tb.add_scalar(tb_tag(k), v, row["step"])
+      self._tb.flush()
 
   def progress(self, m: dict, seconds_per_step: float) -> None:
     if not self.enabled:

@@ -360,6 +360,33 @@ def storage_url(config, workdir: str) -> str:
   return f"sqlite:///{os.path.abspath(os.path.join(workdir, 'sweep.db'))}"
 
 
+class StoreError(ValueError):
+  """The trial store cannot be read (a corrupt sweep.db, an unreachable database)."""
+
+
+@contextlib.contextmanager
+def _store_errors(url: str):
+  """Turns SQLAlchemy's DatabaseError into one line naming the store and the way out."""
+  import sqlalchemy.exc  # pylint: disable=g-import-not-at-top
+  import sqlite3  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except (sqlalchemy.exc.DatabaseError, sqlite3.DatabaseError) as e:
+    reason = getattr(e, "orig", None) or e
+    reason = (str(reason).strip().splitlines() or [type(reason).__name__])[0]
+    if url.startswith("sqlite:///"):
+      path = url[len("sqlite:///"):]
+      workdir = os.path.dirname(path) or "."
+      given = (f"--workdir={workdir}" if os.path.basename(path) == "sweep.db"
+               else f"--storage={url}")
+      raise StoreError(
+          f"{given}: {os.path.basename(path)} is not a readable SQLite database "
+          f"({reason}); move it aside and re-run: finished trials' results are in "
+          f"{os.path.join(workdir, 'trials', '<id>', 'metrics.jsonl')}") from e
+    raise StoreError(f"--storage={masked_url(url)}: cannot open the trial store "
+                     f"({masked_url(reason)})") from e
+
+
 class TrialStore:
   """The sweep's trials in an Optuna study: enqueue, claim, heartbeat, finish, retry."""
 
@@ -371,7 +398,7 @@ class TrialStore:
     sqlite = url.startswith("sqlite:///")
     self.lock = _Lock(url[len("sqlite:///"):] + ".lock" if sqlite else None)
     engine = {"connect_args": {"timeout": 300}} if sqlite else {"pool_pre_ping": True}
-    with self.lock():
+    with self.lock(), _store_errors(url):
       self.storage = optuna.storages.RDBStorage(
           url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=grace_s,
           heartbeat_stale_trial_callback=lambda study, trial: self._retry(trial, "worker lost"))

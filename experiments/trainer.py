@@ -562,7 +562,7 @@ def train(config, workdir: str, *, setup_=None, hooks=()) -> dict:
   step = int(jax.device_get(state["step"]))
 
   run_step = _StepRunner(s, state)
-  logger = metrics_lib.MetricsLogger(workdir, total_steps=cfg.num_steps)
+  logger = metrics_lib.MetricsLogger(workdir, total_steps=cfg.num_steps, resume_step=step)
   peak = _peak_flops(cfg)
   timer = metrics_lib.StepTimer()
   status, last, pending = "done", {}, None

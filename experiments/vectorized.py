@@ -213,7 +213,8 @@ def train_trials(s: trainer.Setup, configs, workdirs, *, pad_to: int = 0) -> lis
   tokens_per_step = batch_size * s.task.tokens_per_example
   lr_scale = np.asarray([c.lr_scale for c in cfgs], np.float32)
   eval_at = set(cfg.get("eval_steps") or ()) | {total}
-  loggers = [metrics_lib.MetricsLogger(d, total_steps=total) for d in workdirs]
+  loggers = [metrics_lib.MetricsLogger(d, total_steps=total, resume_step=step)
+             for d in workdirs]
   hashes = [trainer.config_hash(c) for c in configs]
   outs = [{"status": "done", "step": step} for _ in range(n)]
   alive = np.ones(n, bool)

@@ -48,3 +48,44 @@ def test_storage_url_from_env(tmp_path, monkeypatch):
   assert sweep_lib.storage_url(config, str(tmp_path)) == SECRET_URL
   config.store.storage = "postgresql://other@host/db2"
   assert sweep_lib.storage_url(config, str(tmp_path)) == "postgresql://other@host/db2"
+
+
+# ----------------------------------------------------------------------------------------
+# A corrupt sweep.db: one line naming it and the way out, exit 2, no traceback.
+
+
+def _corrupt_workdir(tmp_path, how):
+  workdir = tmp_path / how
+  workdir.mkdir()
+  config = sweep_configs.get_config("test")
+  if how == "garbage":
+    (workdir / "sweep.db").write_bytes(b"not a database at all\n" * 200)
+  else:  # a real store, truncated mid-file
+    store = sweep_lib.open_store(config, str(workdir))
+    sweep_lib.enqueue_grid(config, store)
+    store.storage.remove_session()
+    del store
+    data = (workdir / "sweep.db").read_bytes()
+    (workdir / "sweep.db").write_bytes(data[:len(data) // 3])
+  sweep_lib.save_config(config, str(workdir))
+  return str(workdir)
+
+
+def test_open_store_corrupt_is_one_line(tmp_path):
+  workdir = _corrupt_workdir(tmp_path, "truncated")
+  with pytest.raises(sweep_lib.StoreError, match=r"sweep.db is not a readable SQLite"):
+    sweep_lib.open_store(sweep_configs.get_config("test"), workdir)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_cli_corrupt_store_exits_2(tmp_path, how):
+  workdir = _corrupt_workdir(tmp_path, how)
+  for args in (("experiments.sweep", "--config=experiments/configs/sweep.py:test",
+                f"--workdir={workdir}", "--layout=sequential"),
+               ("experiments.fit", f"--workdir={workdir}")):
+    proc = testlib.run_cli(*args, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode in (2, 3), (args, proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and len(lines) == 1, (args, proc.stderr[-2000:])
+    assert "sweep.db" in lines[0] and "metrics.jsonl" in lines[0], lines
+  assert not os.path.exists(os.path.join(workdir, "trials"))
