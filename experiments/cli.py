@@ -7,6 +7,10 @@ exits 0 without loading any variant or training.
 Exit status: 2 for bad input (a config value, a flag, a file), 3 when the run stops on a
 fault of its own (the loss diverged with config.nan_policy='stop', a checkpoint could not be
 written): one line on stderr either way, the traceback only with --traceback.
+
+Logs: INFO and WARNING records of third-party libraries (tensorflow_datasets' "Reusing
+dataset ..." blocks at every reopen, orbax, grain, etils, absl's own) are dropped; their
+ERRORs stay. --third_party_logs, or a raised --verbosity (>= 1), shows them all again.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import traceback
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 _COORDINATOR = "coordinator_address"
 _SHOW_TRACEBACK = "traceback"
@@ -26,6 +31,27 @@ USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, PermissionErr
 # Faults of the run: a diverged loss (trainer.NonFiniteLossError), a disk that is full.
 RUN_FAULTS = (FloatingPointError, OSError)
 EXIT_BAD_INPUT, EXIT_FAULT = 2, 3
+_THIRD_PARTY_LOGS = "third_party_logs"
+# Where the records of the libraries whose INFO/WARNING chatter is dropped come from.
+THIRD_PARTY = tuple(f"{os.sep}{name}{os.sep}" for name in (
+    "tensorflow_datasets", "tensorflow", "orbax", "grain", "etils", "absl", "array_record"))
+
+
+class ThirdPartyFilter(absl_logging.logging.Filter):
+  """Drops records below ERROR logged from a THIRD_PARTY package's files."""
+
+  def filter(self, record):
+    if record.levelno >= absl_logging.logging.ERROR:
+      return True
+    return not any(part in (record.pathname or "") for part in THIRD_PARTY)
+
+
+def quiet_third_party_logs() -> None:
+  """Adds ThirdPartyFilter to absl's handler and the root logger's handlers (once)."""
+  handlers = [absl_logging.get_absl_handler(), *absl_logging.logging.getLogger().handlers]
+  for handler in handlers:
+    if not any(isinstance(f, ThirdPartyFilter) for f in handler.filters):
+      handler.addFilter(ThirdPartyFilter())
 
 
 def define_distributed_flags() -> None:
@@ -134,6 +160,8 @@ def run(main) -> int:
   print the usage and exit as under a plain app.run; `--config=FILE.py:list` lists variants.
   """
   def wrapped(argv):
+    if not flags.FLAGS[_THIRD_PARTY_LOGS].value and flags.FLAGS["verbosity"].value < 1:
+      quiet_third_party_logs()
     try:
       return main(argv)
     except (*USER_ERRORS, *RUN_FAULTS) as e:
@@ -147,6 +175,9 @@ def run(main) -> int:
   if listed is not None:
     return _print_variants(listed)
   app.define_help_flags()  # app.run defines them too, but only after our parse below
+  if _THIRD_PARTY_LOGS not in flags.FLAGS:
+    flags.DEFINE_bool(_THIRD_PARTY_LOGS, False, "Show the INFO/WARNING logs of third-party "
+                      "libraries (tensorflow_datasets, orbax, grain, ...), dropped by default.")
   try:
     argv = flags.FLAGS(sys.argv)  # parse here, so a bad flag or config key exits 2 in one line
   except Exception as e:  # noqa: BLE001 - everything raised while parsing is bad input
