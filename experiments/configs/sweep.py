@@ -13,15 +13,13 @@ Variants:
   tiny    THE MAIN JOB. `markov` corpus with 32 tokens (entropy rate E = 1.7476 nats
           known exactly); 2 models (N = 1.3k, 17k) x 3 D (16k-66k tokens) x 3 B (8-32
           sequences of 16 tokens) x 5 lr (0.01-0.16, factor 2) = 90 trials in 18 compiled
-          cells, 32-512 steps each. Every law of experiments/report.py gets its points:
-          Step Law, L(N, D) on 6 cells, critical batch from eval curves at 3 B per N, Power
-          calibration from the optima at 3 D. Measured on the idle 2-core CPU (2026-11-30):
-          2 min 52 s wall, 3 min 56 s CPU (user + sys), with layout 'auto' -> 'measure' choosing
-          vectorised (K=5 step 1.2 ms against 3.5 ms sequential; under load 4-6 it was 5 min
-          11 s, and forced sequential 7 min 36 s at load 9-11). Fitted E = 1.7525 (interval up
-          to 1.779) against the known 1.7476; best loss 1.785; Step Law
-          lr* ~ N^-0.39 D^-0.11. The smallest B wins in every cell (these models are
-          step-limited), so B*(D) is weakly determined; lr* is interior in 16 of 18 cells.
+          cells, 32-512 steps each. Measured on this code (2026-12-04): 1 min 19 s wall at
+          load ~2, vectorised ('auto'); a second run at load 5-7 gave a byte-identical
+          laws.json. Determined by this grid: lr* per cell (16 of 18 interior), Step Law,
+          critical batch at N = 1.7e4, Power calibration. Not determined, and reported so:
+          L(N, D) (2 model sizes; it needs >= 3) and the critical batch at N = 1280. Best
+          loss 1.785 against the known E = 1.7476. The smallest B wins in most cells (these
+          models are step-limited), so B*(D) is weakly determined.
   small   ~1 h on an idle 2-core CPU (estimated from the tiny run's costs per compile, per
           step and per FLOP: ~30 min of CPU; not run here): markov with 64 tokens, 4 models
           (N = 1.5k-135k) x 4 D (66k-524k tokens) x 4 B x 6 lr = 384 trials, 64 cells.
