@@ -134,6 +134,9 @@ def training_defaults() -> ml_collections.ConfigDict:
   c.device_peak_flops = 0.0  # 0 = known accelerator peak, or a measured matmul peak on CPU
   c.lr_scale = 1.0  # runtime multiplier of the schedule (sweeps vary it without recompiling)
   c.init_from = ""  # workdir whose latest checkpoint starts this run (a new training phase)
+  # Dotted fields a resume may change from the workdir's config.json (e.g. ("num_steps",) to
+  # train on); each change is logged to config_history.jsonl. Any other change is refused.
+  c.resume_allow_changes = ()
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
   c.logical_axis_rules = [list(r) if not isinstance(r[1], tuple) else [r[0], list(r[1])]
                           for r in DEFAULT_RULES]

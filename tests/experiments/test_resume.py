@@ -30,11 +30,11 @@ def _garble(step_dir):
 
 def test_all_checkpoints_corrupt_is_a_clear_error(tmp_path):
   workdir = str(tmp_path)
-  testlib.run_cli("experiments.train", CONFIG.replace("num_steps=40", "num_steps=20"),
-                  f"--workdir={workdir}", check=True)
+  config = CONFIG.replace("num_steps=40", "num_steps=20")  # the same config resumes
+  testlib.run_cli("experiments.train", config, f"--workdir={workdir}", check=True)
   for step in ("10", "20"):
     _garble(os.path.join(workdir, "checkpoints", step))
-  proc = _train(workdir, check=False)
+  proc = testlib.run_cli("experiments.train", config, f"--workdir={workdir}")
   assert proc.returncode == 2
   assert "no readable checkpoint" in proc.stderr.strip().splitlines()[-1]
 

@@ -341,7 +341,8 @@ def test_nan_stop_through_the_cli_is_one_line_exit_3(reference, cache_env, tmp_p
   """Resumed at step 10 with lr x 1e30: step 11's update blows up the parameters, step 12's
   gradient is NaN. One line names the step and config.nan_policy; step 10 is intact."""
   workdir = rel.copy_run(reference, tmp_path / "run", up_to=10)
-  proc = rel.train_cli(workdir, "--config.lr_scale=1e30", env=cache_env, check=False)
+  proc = rel.train_cli(workdir, "--config.lr_scale=1e30",
+                       "--config.resume_allow_changes=('lr_scale',)", env=cache_env, check=False)
   _, other = rel.log_lines(proc.stderr)
   assert proc.returncode == 3, proc.stderr[-3000:]
   assert len(other) == 1, other
