@@ -202,7 +202,27 @@ def image_task(config) -> Task:
 TASKS = {"lm": lm_task, "mlm": mlm_task, "image": image_task}
 
 
+def check_eval_split(config, task: Task) -> None:
+  """When evals are on, the validation split must hold one eval batch (before any step).
+
+  Builds the eval iterator without reading from it: the split's size comes from the cached
+  token stream (or image arrays), so this costs no pass over the data.
+  """
+  if not (config.get("eval_every", 0) > 0 or config.get("eval_steps")):
+    return
+  try:
+    it = task.eval_iterator(config.eval_batch_size, 0, 1)
+  except ValueError as e:
+    if not str(e).startswith("split "):
+      raise
+    raise ValueError(f"config.eval_batch_size={config.eval_batch_size}: more than the eval split "
+                     f"holds ({e}); lower it, or set config.eval_every=0.") from None
+  del it
+
+
 def make_task(config) -> Task:
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r} is not valid; choose one of {sorted(TASKS)}.")
-  return TASKS[config.task](config)
+  task = TASKS[config.task](config)
+  check_eval_split(config, task)
+  return task

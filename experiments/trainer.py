@@ -111,6 +111,9 @@ def validate_loop(config) -> None:
   if source and "://" not in source and not os.path.isdir(os.path.join(source, "checkpoints")):
     raise ValueError(f"config.init_from={source!r} has no checkpoints/: it must be the workdir "
                      "of an earlier run.")
+  # Optimizer and schedule numbers (weight decay, betas, peak lr, warmup), before compiling.
+  opt_factory.validate_optimizer(config.optimizer)
+  opt_factory.validate_schedule(config.schedule, num_steps=config.num_steps)
 
 
 def _logical_axes(abstract_state):
@@ -687,8 +690,12 @@ def train(config, workdir: str, *, setup_=None, hooks=()) -> dict:
              f"grad_norm={m['grad_norm']})" if not finite else
              f"loss {m['loss']:.4f} above config.loss_bound={cfg.loss_bound} at step {p_step}")
       if cfg.nan_policy == "stop" or finite:
-        checkpointer.close()  # the save in flight is the last good checkpoint: finish it
-        raise NonFiniteLossError(msg + "; the last good checkpoint is kept. "
+        checkpointer.wait()  # the save in flight is the last good checkpoint: finish it
+        good = checkpointer.latest_step()
+        checkpointer.close()
+        kept = (f"the last good checkpoint (step {good}) is kept" if good is not None
+                else "no checkpoint was written yet")
+        raise NonFiniteLossError(f"{msg}; {kept}. "
                                  "Lower the learning rate or set config.nan_policy='skip'.")
       logging.warning("%s: update skipped (config.nan_policy='skip')", msg)
     m.update(step=p_step, **p_meta)

@@ -5,7 +5,8 @@ The optimizer comes wrapped in `optax.inject_hyperparams` with only `learning_ra
 inside the jitted step, so lr changes never recompile. Per-leaf lr multipliers (μP,
 `models.mup`) are constants of the transformation, so the lr itself stays a runtime value.
 """
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -83,6 +84,104 @@ def _choice(value, valid, field):
 
 def _or(value, default):
   return default if value is None else value
+
+
+def _number(value, field, *, low=None, high=None, low_open=False, high_open=False,
+            optional=False, integer=False):
+  """Raises ValueError (one line naming `field`) unless value is a finite number in range."""
+  if value is None and optional:
+    return
+  ok = (isinstance(value, int) if integer else isinstance(value, (int, float)))
+  ok = ok and not isinstance(value, bool) and math.isfinite(value)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if ok:
+    return
+  kind = "an integer" if integer else "a finite number"
+  if low is not None and high is not None:
+    rule = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+  elif low is not None:
+    rule = f"{'>' if low_open else '>='} {low}"
+  elif high is not None:
+    rule = f"{'<' if high_open else '<='} {high}"
+  else:
+    rule = ""
+  raise ValueError(f"{field}={value!r}: must be {kind}{' ' + rule if rule else ''}"
+                   f"{' (or None)' if optional else ''}.")
+
+
+def validate_optimizer(opt_config, prefix: str = "config.optimizer") -> None:
+  """Every numeric field the named optimizer reads, before anything is built or compiled."""
+  c = opt_config.copy_and_resolve_references()
+  name = _choice(c.name, OPTIMIZERS, f"{prefix}.name")
+  f = lambda key: f"{prefix}.{key}"
+  if name in ("adamw", "lamb"):
+    _number(c.b1, f("b1"), low=0, high=1, high_open=True)
+    _number(c.b2, f("b2"), low=0, high=1, high_open=True)
+    _number(c.eps, f("eps"), low=0, low_open=True, optional=True)
+  if name == "lars":
+    _number(c.eps, f("eps"), low=0, optional=True)
+    _number(c.trust_coefficient, f("trust_coefficient"), low=0, low_open=True)
+  if name in ("sgd", "lars"):
+    _number(c.momentum, f("momentum"), low=0, high=1, high_open=True)
+  if name in ("adamw", "lamb", "lars", "sgd"):
+    _number(c.weight_decay, f("weight_decay"), low=0, optional=True)
+  if name == "adagrad":
+    _number(c.initial_accumulator, f("initial_accumulator"), low=0, low_open=True)
+  if name == "adagrad_norm":
+    _number(c.b0, f("b0"), low=0, low_open=True)
+  if c.phi_clip is not None:
+    if len(c.phi_clip) != 2:
+      raise ValueError(f"{f('phi_clip')}={c.phi_clip!r}: need (gamma_l, gamma_u), "
+                       "0 <= gamma_l <= gamma_u")
+    _number(c.phi_clip[0], f("phi_clip[0]"), low=0)
+    _number(c.phi_clip[1], f("phi_clip[1]"), low=c.phi_clip[0])
+  _number(c.grad_clip_norm, f("grad_clip_norm"), low=0, low_open=True, optional=True)
+
+
+def validate_schedule(schedule_config, num_steps: Optional[int] = None,
+                      prefix: str = "config.schedule") -> None:
+  """Every numeric field the named schedule reads; `num_steps`: the run's steps, if known.
+
+  The lr the trainer applies is the schedule's times `config.lr_scale` (sweeps set
+  peak_lr = 1.0 and vary lr_scale), so only the schedule's own values are checked here.
+  """
+  c = schedule_config.copy_and_resolve_references()
+  name = _choice(c.name, SCHEDULES, f"{prefix}.name")
+  f = lambda key: f"{prefix}.{key}"
+  if name == "power":
+    _number(c.a, f("a"), low=0, low_open=True)
+    _number(c.b, f("b"))
+    _number(c.lr_max, f("lr_max"), low=0, low_open=True)
+    _number(c.warmup_tokens, f("warmup_tokens"), low=0)
+    _number(c.decay_start_tokens, f("decay_start_tokens"), low=0, optional=True)
+    _number(c.decay_tokens, f("decay_tokens"), low=0, low_open=True, optional=True)
+    if c.power_decay == "exp":
+      _number(c.decay_final_ratio, f("decay_final_ratio"), low=0, high=1, low_open=True)
+    else:
+      _number(c.decay_final_ratio, f("decay_final_ratio"), low=0, high=1)
+    return
+  _number(c.peak_lr, f("peak_lr"), low=0, low_open=True)
+  _number(c.warmup_steps, f("warmup_steps"), low=0, integer=True)
+  if name in ("cosine", "linear", "wsd", "warmup_poly"):
+    _number(c.final_lr, f("final_lr"), low=0)
+  if name in ("cosine", "linear", "warmup_poly"):
+    _number(c.total_steps, f("total_steps"), low=1, integer=True)
+    if c.warmup_steps > c.total_steps:
+      raise ValueError(f"{f('warmup_steps')}={c.warmup_steps}: must be <= "
+                       f"{f('total_steps')}={c.total_steps}.")
+  if name == "wsd":
+    _number(c.stable_steps, f("stable_steps"), low=0, integer=True)
+    _number(c.decay_steps, f("decay_steps"), low=0, integer=True)
+    _number(c.decay_start, f("decay_start"), low=0, integer=True, optional=True)
+  if name == "warmup_poly":
+    _number(c.poly_power, f("poly_power"), low=0, low_open=True)
+    _number(c.phase_start, f("phase_start"), low=0, integer=True)
+  if num_steps is not None and c.warmup_steps > num_steps:
+    raise ValueError(f"{f('warmup_steps')}={c.warmup_steps}: must be <= config.num_steps="
+                     f"{num_steps} (the run would end before the warmup does).")
 
 
 def scale_by_tree(multipliers) -> optax.GradientTransformation:

@@ -170,3 +170,55 @@ def test_configs_hold_every_field_and_accept_overrides():
   s.decay_start, s.decay_start_tokens, s.base_batch_size = 500, 9e11, 256
   with pytest.raises(TypeError):
     o.b1 = "high"
+
+
+@pytest.mark.parametrize("name", factory.OPTIMIZERS)
+def test_validate_optimizer_accepts_the_defaults(name):
+  factory.validate_optimizer(opt_config(name=name))
+
+
+@pytest.mark.parametrize("name,field,value,valid", [
+    ("adamw", "b1", -0.1, "in [0, 1)"), ("adamw", "b2", 1.5, "in [0, 1)"),
+    ("lamb", "b2", 1.0, "in [0, 1)"), ("adamw", "eps", 0.0, "> 0"),
+    ("lamb", "eps", float("nan"), "> 0"), ("adamw", "weight_decay", -1.0, ">= 0"),
+    ("lamb", "weight_decay", float("inf"), ">= 0"), ("lars", "weight_decay", -1e-4, ">= 0"),
+    ("sgd", "weight_decay", -1.0, ">= 0"), ("lars", "eps", -1.0, ">= 0"),
+    ("lars", "trust_coefficient", 0.0, "> 0"), ("lars", "momentum", 1.0, "in [0, 1)"),
+    ("sgd", "momentum", -0.5, "in [0, 1)"), ("adagrad", "initial_accumulator", 0.0, "> 0"),
+    ("adagrad_norm", "b0", -0.1, "> 0"), ("adamw", "grad_clip_norm", float("nan"), "> 0"),
+])
+def test_validate_optimizer_names_the_field(name, field, value, valid):
+  with pytest.raises(ValueError) as raised:
+    factory.validate_optimizer(opt_config(name=name, **{field: value}))
+  line = str(raised.value)
+  assert "\n" not in line and line.startswith(f"config.optimizer.{field}={value!r}: ") \
+      and valid in line, line
+
+
+@pytest.mark.parametrize("name", factory.SCHEDULES)
+def test_validate_schedule_accepts_the_defaults_and_a_peak_of_one(name):
+  c = factory.default_schedule_config()
+  c.name = name
+  c.peak_lr = 1.0  # sweeps: the lr is the trainer's runtime lr_scale
+  factory.validate_schedule(c, num_steps=c.total_steps)
+
+
+@pytest.mark.parametrize("overrides,num_steps,field", [
+    (dict(peak_lr=-0.003), None, "peak_lr=-0.003"), (dict(peak_lr=float("nan")), None, "peak_lr=nan"),
+    (dict(peak_lr=0.0), None, "peak_lr=0.0"), (dict(final_lr=-1e-5), None, "final_lr"),
+    (dict(warmup_steps=-1), None, "warmup_steps=-1"),
+    (dict(warmup_steps=1000, total_steps=20), None, "warmup_steps=1000"),
+    (dict(warmup_steps=100), 20, "warmup_steps=100"),
+    (dict(total_steps=0), None, "total_steps=0"),
+    (dict(name="wsd", decay_steps=-5), None, "decay_steps=-5"),
+    (dict(name="warmup_poly", poly_power=0.0), None, "poly_power=0.0"),
+    (dict(name="power", lr_max=-1.0), None, "lr_max=-1.0"),
+    (dict(name="power", decay_final_ratio=0.0), None, "decay_final_ratio=0.0"),
+])
+def test_validate_schedule_names_the_field(overrides, num_steps, field):
+  c = factory.default_schedule_config()
+  c.update(overrides)
+  with pytest.raises(ValueError) as raised:
+    factory.validate_schedule(c, num_steps=num_steps)
+  line = str(raised.value)
+  assert "\n" not in line and line.startswith(f"config.schedule.{field}"), line
