@@ -9,7 +9,7 @@ import numpy as np
 from tests import testlib
 from tests.reliability import conftest as rel
 
-ADAPTIVE = ("--config=experiments/configs/lm.py:tiny,num_steps=30,checkpoint_every=10,"
+ADAPTIVE = ("--config=experiments/configs/lm.py:tiny,num_steps=30,schedule.warmup_steps=10,checkpoint_every=10,"
             "log_every=1,eval_every=0,micro_batch_size=8,global_batch_size=8")
 FLAGS = ("--config.batch_size.controller=norm_test", "--config.batch_size.adaptive.eta=0.3",
          "--config.batch_size.max_batch_size=96")

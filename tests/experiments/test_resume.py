@@ -11,7 +11,7 @@ import pytest
 
 from tests import testlib
 
-CONFIG = "--config=experiments/configs/lm.py:tiny,num_steps=40,checkpoint_every=10,log_every=5,eval_every=20"
+CONFIG = "--config=experiments/configs/lm.py:tiny,num_steps=40,schedule.warmup_steps=10,checkpoint_every=10,log_every=5,eval_every=20"
 
 
 def _train(workdir, *extra, check=True):

@@ -20,7 +20,7 @@ import pytest
 from tests import testlib
 
 STEPS, INTERVAL = 30, 5
-TRAIN = ("--config=experiments/configs/lm.py:tiny,num_steps=30,checkpoint_every=5,log_every=1,"
+TRAIN = ("--config=experiments/configs/lm.py:tiny,num_steps=30,schedule.warmup_steps=10,checkpoint_every=5,log_every=1,"
          "eval_every=0,keep_checkpoints=10,device_peak_flops=1e12")
 TIMING = {"step_time_s", "tokens_per_s", "mfu"}
 RECORD_ENV = "RELIABILITY_RECORD"  # a JSON-lines file the figures are appended to

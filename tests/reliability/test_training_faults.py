@@ -34,8 +34,23 @@ def _resumed_from(log_text: str) -> int:
   return int(found[-1]) if found else 0
 
 
-def _new_rows(workdir, start: int) -> list[dict]:
-  return rel.metric_rows(workdir)[start:]
+def _rows_mark(workdir):
+  """Where a restarted process's rows will begin: (row count, file identity, checkpoint)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  inode = os.stat(path).st_ino if os.path.exists(path) else None
+  return len(rel.metric_rows(workdir)), inode, max(rel.checkpoint_steps(workdir), default=0)
+
+
+def _new_rows(workdir, start) -> list[dict]:
+  """The rows the process started at `start` (a _rows_mark) has logged. A resume rewrites
+  metrics.jsonl without the rows past its checkpoint (a new file): then its rows are those
+  past that step; until then, those appended after the mark."""
+  count, inode, committed = start
+  path = os.path.join(workdir, "metrics.jsonl")
+  rows = rel.metric_rows(workdir)
+  if inode is not None and os.path.exists(path) and os.stat(path).st_ino != inode:
+    return [r for r in rows if r["step"] > committed]
+  return rows[count:]
 
 
 def _saving(workdir) -> bool:
@@ -58,7 +73,7 @@ def kill_chain(reference, cache_env, tmp_path_factory):
   kills = []
   for i, (kind, where) in enumerate(plan):
     log = str(logs / f"run{i}.log")
-    start_rows = len(rel.metric_rows(workdir))
+    start_rows = _rows_mark(workdir)
     committed_before = max(rel.checkpoint_steps(workdir), default=0)
     proc = rel.popen_train(workdir, env=cache_env, log=log)
     reached = lambda t=where: any(r["step"] >= t for r in _new_rows(workdir, start_rows))
@@ -80,7 +95,7 @@ def kill_chain(reference, cache_env, tmp_path_factory):
   # finish the step, write the checkpoint and exit.
   target = rng.randint(max(targets) + 1, rel.STEPS - 2)
   log = str(logs / "sigterm.log")
-  start_rows = len(rel.metric_rows(workdir))
+  start_rows = _rows_mark(workdir)
   proc = rel.popen_train(workdir, env=cache_env, log=log)
   rel.wait_until(lambda: any(r["step"] >= target for r in _new_rows(workdir, start_rows)),
                  proc, f"step {target}")
@@ -234,7 +249,7 @@ def test_failed_checkpoint_write_stops_with_one_line_and_keeps_the_previous(
 
 @pytest.fixture(scope="module")
 def setup_():
-  config = testlib.tiny_config(num_steps=12, eval_every=0, log_every=1, checkpoint_every=4,
+  config = testlib.tiny_config(num_steps=12, schedule=dict(warmup_steps=4), eval_every=0, log_every=1, checkpoint_every=4,
                                keep_checkpoints=20, device_peak_flops=1e12)
   return trainer.setup(config)
 

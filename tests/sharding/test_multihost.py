@@ -24,7 +24,7 @@ from launch import local
 from tests import testlib
 
 STEPS = 20
-VARIANT = f"tiny,num_steps={STEPS},checkpoint_every=5,log_every=1,eval_every=0"
+VARIANT = f"tiny,num_steps={STEPS},schedule.warmup_steps=5,checkpoint_every=5,log_every=1,eval_every=0"
 CONFIG = f"--config=experiments/configs/lm.py:{VARIANT},device_peak_flops=1e12"
 # Data parallel across the two processes (each loads its half of the batch), tensor and
 # sequence (ring attention) parallel inside each.
