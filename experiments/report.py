@@ -150,50 +150,9 @@ def fit_all(results: Sequence[Mapping[str, Any]], config: Mapping | None = None)
       batch_unit='tokens' if in_tokens else 'rows B unit'))
 
   # L(N, D) on the best loss of each (N, D) cell.
-  best = {}
-  for n, d, loss in zip(col['N'], col['D'], col['loss']):
-    if math.isfinite(n) and math.isfinite(d):
-      best[(n, d)] = min(loss, best.get((n, d), math.inf))
-  if best:
-    nd = np.array(sorted(best))
-    loss = np.array([best[tuple(k)] for k in nd])
-    distinct = len(np.unique(nd[:, 0])), len(np.unique(nd[:, 1]))
-    reason = laws_lib.chinchilla_undetermined(None, *distinct)
-    if not reason:
-      attempt('chinchilla', lambda: laws_lib.fit_chinchilla(
-          nd[:, 0], nd[:, 1], loss, grid=cfg['chinchilla_grid'],
-          n_boot=cfg['chinchilla_n_boot'], seed=seed, level=level))
-      if 'chinchilla' in laws:
-        reason = laws_lib.chinchilla_undetermined(laws['chinchilla'], *distinct)
-    if reason:
-      laws.pop('chinchilla', None)
-      undetermined['chinchilla'] = reason
-      notes.append(f'chinchilla: not determined by this grid: {reason}.')
-
+  _fit_l_of_n_d(col, cfg, laws, attempt)
   # Critical batch size per N, from the curve of each batch size's best run.
-  crit = []
-  for n in sorted({col['N'][i] for i, r in enumerate(rows) if _curve(r) is not None}):
-    best_run = {}
-    for i, r in enumerate(rows):
-      if col['N'][i] == n and _curve(r) is not None:
-        b = col['B'][i]
-        if b not in best_run or col['loss'][i] < col['loss'][best_run[b]]:
-          best_run[b] = i
-    if len(best_run) < 3:
-      notes.append(f'critical batch at N={n:.4g} not fitted: curves at {len(best_run)} '
-                   'batch sizes, need 3')
-      continue
-    bs = sorted(best_run)
-    curves = [_curve(rows[best_run[b]]) for b in bs]
-    targets = cfg['loss_targets'] or _auto_targets(curves, cfg['n_targets'])
-    try:
-      crit.append(laws_lib.fit_critical_batch_law(
-          bs, curves, targets, n_boot=cfg['critical_batch_n_boot'], seed=seed,
-          level=level, N=n))
-    except ValueError as e:
-      notes.append(f'critical batch at N={n:.4g} not fitted: {e}')
-      if 'not determined' in str(e):
-        undetermined[f'critical_batch at N={n:.4g}'] = str(e)
+  crit = _fit_critical_batches(rows, col, cfg, laws)
   if crit:
     laws['critical_batch'] = crit
 
@@ -206,6 +165,57 @@ def fit_all(results: Sequence[Mapping[str, Any]], config: Mapping | None = None)
   elif optima:
     notes.append('power_scheduler not fitted: needs interior optima at two or more D')
   return laws
+
+
+def _fit_l_of_n_d(col, cfg, laws, attempt):
+  """Chinchilla approach 3 on each (N, D) cell's best loss, when the grid determines it."""
+  best = {}
+  for n, d, loss in zip(col['N'], col['D'], col['loss']):
+    if math.isfinite(n) and math.isfinite(d):
+      best[(n, d)] = min(loss, best.get((n, d), math.inf))
+  if best:
+    nd = np.array(sorted(best))
+    loss = np.array([best[tuple(k)] for k in nd])
+    distinct = len(np.unique(nd[:, 0])), len(np.unique(nd[:, 1]))
+    reason = laws_lib.chinchilla_undetermined(None, *distinct)
+    if not reason:
+      attempt('chinchilla', lambda: laws_lib.fit_chinchilla(
+          nd[:, 0], nd[:, 1], loss, grid=cfg['chinchilla_grid'],
+          n_boot=cfg['chinchilla_n_boot'], seed=cfg['seed'], level=cfg['level']))
+      if 'chinchilla' in laws:
+        reason = laws_lib.chinchilla_undetermined(laws['chinchilla'], *distinct)
+    if reason:
+      laws.pop('chinchilla', None)
+      laws['undetermined']['chinchilla'] = reason
+      laws['notes'].append(f'chinchilla: not determined by this grid: {reason}.')
+
+
+def _fit_critical_batches(rows, col, cfg, laws) -> list:
+  """One critical-batch law per N with loss curves at 3 or more batch sizes."""
+  crit = []
+  for n in sorted({col['N'][i] for i, r in enumerate(rows) if _curve(r) is not None}):
+    best_run = {}
+    for i, r in enumerate(rows):
+      if col['N'][i] == n and _curve(r) is not None:
+        b = col['B'][i]
+        if b not in best_run or col['loss'][i] < col['loss'][best_run[b]]:
+          best_run[b] = i
+    if len(best_run) < 3:
+      laws['notes'].append(f'critical batch at N={n:.4g} not fitted: curves at {len(best_run)} '
+                   'batch sizes, need 3')
+      continue
+    bs = sorted(best_run)
+    curves = [_curve(rows[best_run[b]]) for b in bs]
+    targets = cfg['loss_targets'] or _auto_targets(curves, cfg['n_targets'])
+    try:
+      crit.append(laws_lib.fit_critical_batch_law(
+          bs, curves, targets, n_boot=cfg['critical_batch_n_boot'], seed=cfg['seed'],
+          level=cfg['level'], N=n))
+    except ValueError as e:
+      laws['notes'].append(f'critical batch at N={n:.4g} not fitted: {e}')
+      if 'not determined' in str(e):
+        laws['undetermined'][f'critical_batch at N={n:.4g}'] = str(e)
+  return crit
 
 
 def _drop_diverged(idx, losses, ratio):
