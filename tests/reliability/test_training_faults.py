@@ -81,7 +81,11 @@ def kill_chain(reference, cache_env, tmp_path_factory):
       time.sleep(where)
     elif kind == "step":
       rel.wait_until(reached, proc, f"step {where}")
-      time.sleep(rng.uniform(0.0, 0.3))
+      # A random delay, cut short near the end: at ~10 ms a step, 0.3 s could finish the run.
+      until = time.time() + rng.uniform(0.0, 0.3)
+      near_end = lambda: any(r["step"] >= rel.STEPS - 3 for r in _new_rows(workdir, start_rows))
+      while time.time() < until and not near_end():
+        time.sleep(0.002)
     else:
       rel.wait_until(lambda: reached() and _saving(workdir), proc, f"a save after step {where}")
     assert proc.poll() is None, f"run {i} ended before its kill"
