@@ -205,6 +205,9 @@ TASKS = {"lm": lm_task, "mlm": mlm_task, "image": image_task}
 def check_eval_split(config, task: Task) -> None:
   """When evals are on, the validation split must hold one eval batch (before any step).
 
+  Called by the training loops, not by make_task: building the split (a Markov corpus of a
+  large vocabulary, say) is work that launch/preflight's compile-only runs must not do.
+
   Builds the eval iterator without reading from it: the split's size comes from the cached
   token stream (or image arrays), so this costs no pass over the data.
   """
@@ -223,6 +226,4 @@ def check_eval_split(config, task: Task) -> None:
 def make_task(config) -> Task:
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r} is not valid; choose one of {sorted(TASKS)}.")
-  task = TASKS[config.task](config)
-  check_eval_split(config, task)
-  return task
+  return TASKS[config.task](config)

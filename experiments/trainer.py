@@ -629,6 +629,7 @@ def train(config, workdir: str, *, setup_=None, hooks=()) -> dict:
   """
   s = setup_ or setup(config)
   cfg = s.config
+  tasks_lib.check_eval_split(cfg, s.task)
   os.makedirs(workdir, exist_ok=True)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=cfg.keep_checkpoints,

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import checkpoint as ckpt_lib
 from experiments import metrics as metrics_lib
+from experiments import tasks as tasks_lib
 from experiments import trainer
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -166,6 +167,7 @@ def train_trials(s: trainer.Setup, configs, workdirs, *, pad_to: int = 0) -> lis
   the trial axis is also padded to a multiple of its shards.
   """
   _check_cell(configs)
+  tasks_lib.check_eval_split(configs[0], s.task)
   shards = num_trial_shards(s)
   pad = max(pad_to - len(configs), 0)
   pad += -(len(configs) + pad) % shards  # the trial axis must divide its devices
