@@ -3,7 +3,7 @@ r"""Train-step time of LAMB, LARS and optax.lamb as ratios to AdamW, on the `sma
   nice -n 5 python -m benchmarks.optimizer_step                # small LM, batch 8
   python -m benchmarks.optimizer_step --batch_size=32 --repeats=4
 
-Every optimizer gets the trainer's own jitted step (`experiments.trainer.make_train_step`:
+Every optimizer gets the trainer's own jitted step (`train.trainer.make_train_step`:
 forward, backward, optimizer, donated state) on the same random batch. The optimizers are
 timed interleaved, round by round (the order rotates), and each round's time is divided by
 AdamW's time in the same round, so a slow patch of a shared machine hits every optimizer alike;
@@ -39,8 +39,8 @@ import jax
 import numpy as np
 import optax
 
-from experiments import trainer
-from experiments.configs import lm as lm_config
+from train import trainer
+from configs import lm as lm_config
 
 _OPTIMIZERS = flags.DEFINE_list("optimizers", ["adamw", "lamb", "lars", "optax_lamb"],
                                 "Optimizers to time; the first is the reference (ratio 1).")

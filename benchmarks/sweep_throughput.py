@@ -4,7 +4,7 @@ r"""Sweep throughput: K trials vectorised in one program against the same K run 
   python -m benchmarks.sweep_throughput --variant=small --d_model=128 --num_layers=3
 
 Both layouts train the same K learning rates of one sweep cell to the end (trainer.train
-per trial against experiments.vectorized.train_trials), with checkpoints, evals and
+per trial against train.vectorized.train_trials), with checkpoints, evals and
 metrics.jsonl as in a sweep; each layout first runs once untimed so compiles are excluded.
 Also prints the bare step: K jitted steps against one vmapped step. Which wins on CPU
 depends on the step: for this tiny-sweep cell vectorised won (idle 2-core CPU, K=8: 1.35x
@@ -25,11 +25,11 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from experiments import sweep_lib
-from experiments import tasks as tasks_lib
-from experiments import trainer
-from experiments import vectorized
-from experiments.configs import sweep as sweep_configs
+from sweep import runner as sweep_lib
+from train import tasks as tasks_lib
+from train import trainer
+from train import vectorized
+from configs import sweep as sweep_configs
 
 _VARIANT = flags.DEFINE_string("variant", "tiny", "configs/sweep.py variant of the cell.")
 _K = flags.DEFINE_integer("k", 8, "Trials (learning rates) per cell.")

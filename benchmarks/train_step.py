@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from benchmarks import plain_decoder
-from experiments import trainer
-from experiments.configs import lm as lm_config
+from train import trainer
+from configs import lm as lm_config
 from models import flops as flops_lib
 
 _VARIANTS = flags.DEFINE_list("variants", ["tiny", "small", "ref"], "lm.py variants to time.")

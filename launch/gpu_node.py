@@ -1,6 +1,6 @@
 r"""One multi-GPU node: install CUDA JAX, check the GPUs, train over all of them.
 
-  python -m launch.gpu_node --config=experiments/configs/lm.py:125m --workdir=/data/lm125m \
+  python -m launch.gpu_node --config=configs/lm.py:125m --workdir=/data/lm125m \
       --mesh=fsdp -- --config.data.spm_model=/data/c4_32k.model
 
 Run it on the node, from the repository root. One process drives every visible GPU
@@ -21,7 +21,7 @@ MESHES = {
     "fsdp": ("--config.mesh.data=1", "--config.mesh.fsdp=-1"),
     "config": (),
 }
-JOBS = {"train": "experiments.train", "sweep": "experiments.sweep"}
+JOBS = {"train": "train", "sweep": "sweep"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Options:
   workdir: str = ""
   job: str = "train"
   mesh: str = "data"
-  args: tuple = ()  # passed on to experiments.train / experiments.sweep
+  args: tuple = ()  # passed on to train / sweep
   python: str = "python3"
   cuda: str = "cuda12"  # the jax extra: jax[cuda12]
   jax_version: str = ""  # '' = the jax pin in requirements.txt
@@ -45,7 +45,7 @@ def validate(opts: Options, step: str) -> None:
     raise ValueError(f"--job={opts.job!r}: valid are {', '.join(JOBS)}.")
   if step in ("run", "all"):
     if not opts.config:
-      raise ValueError("--config is required (e.g. --config=experiments/configs/lm.py:125m).")
+      raise ValueError("--config is required (e.g. --config=configs/lm.py:125m).")
     if not opts.workdir:
       raise ValueError("--workdir is required.")
 
@@ -82,7 +82,7 @@ def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("config", "", "--config for the job.")
   flags.DEFINE_string("workdir", "", "--workdir for the job.")
-  flags.DEFINE_enum("job", "train", list(JOBS), "experiments.train or experiments.sweep.")
+  flags.DEFINE_enum("job", "train", list(JOBS), "train or sweep.")
   flags.DEFINE_enum("mesh", "data", list(MESHES), "data=-1, fsdp=-1, or the config's mesh.")
   flags.DEFINE_string("python", "python3", "Python to install into and run with.")
   flags.DEFINE_string("cuda", "cuda12", "The jax extra for the CUDA version: jax[cuda12].")
@@ -109,6 +109,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from experiments import cli  # pylint: disable=g-import-not-at-top
+  from train import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
   sys.exit(cli.run(main))

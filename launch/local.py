@@ -1,7 +1,7 @@
 r"""Runs one command as N JAX processes on this machine: a multi-host run without the hosts.
 
   python -m launch.local --num_processes=2 --devices_per_process=4 -- \
-      python -m experiments.train --config=experiments/configs/lm.py:tiny --workdir=/tmp/mh
+      python -m train --config=configs/lm.py:tiny --workdir=/tmp/mh
 
 Each process gets the environment `sharding.mesh.initialize_distributed` reads before the
 mesh is built, as a pod worker would:
@@ -69,7 +69,7 @@ def commands(command: list[str], num_processes: int, devices_per_process: int,
     raise ValueError(f"--devices_per_process={devices_per_process}: must be at least 1.")
   if not command:
     raise ValueError("no command to run: put it after `--`, e.g. "
-                     "`-- python -m experiments.train --config=... --workdir=...`.")
+                     "`-- python -m train --config=... --workdir=...`.")
   coordinator = f"{host}:{port or free_port(host)}"
   return [(process_env(i, num_processes, devices_per_process, coordinator), list(command))
           for i in range(num_processes)]

@@ -1,9 +1,9 @@
 r"""Preflight: compile the real train step for a TPU slice on this CPU machine.
 
-  python -m launch.preflight --config=experiments/configs/lm.py:125m --topology=v5p-64
+  python -m launch.preflight --config=configs/lm.py:125m --topology=v5p-64
 
 libtpu describes the slice's chips without the hardware (JAX's compile-only topology devices),
-so the step that `experiments.trainer` would run -- `setup(config, mesh=...)`, then
+so the step that `train.trainer` would run -- `setup(config, mesh=...)`, then
 `make_train_step(...).jitted.lower(...)` on ShapeDtypeStruct inputs carrying the shardings --
 is compiled ahead of time by the TPU compiler. It prints the per-device memory the compiler
 planned (arguments, outputs, temporaries) against the chip's HBM, the compiled step's FLOPs
@@ -11,7 +11,7 @@ planned (arguments, outputs, temporaries) against the chip's HBM, the compiled s
 fit exit 2 with one line; so does a missing libtpu (pip install -r requirements-tpu.txt).
 
 --topology takes a gcloud accelerator type (v4-8, v5litepod-16, v5p-64, v6e-8) or a libtpu
-topology (v5e:4x4, v5p:2x4x4). Any config field can be overridden as for experiments.train
+topology (v5e:4x4, v5p:2x4x4). Any config field can be overridden as for train
 (--config.mesh.fsdp=-1, --config.global_batch_size=512). A SentencePiece config whose model
 file is not given gets a stand-in vocabulary (--vocab_size): the data pipeline is not part of
 the compiled step.
@@ -166,7 +166,7 @@ def without_data_files(config, vocab_size: int):
       "python_source", "markov"):
     return config, None
   if data.get("spm_model"):
-    from experiments import data as data_lib  # pylint: disable=g-import-not-at-top
+    import data as data_lib  # pylint: disable=g-import-not-at-top
     vocab_size = data_lib.vocab_size(data)
     note = f"vocabulary: {vocab_size} from {data.spm_model}"
   else:
@@ -179,7 +179,7 @@ def without_data_files(config, vocab_size: int):
 
 
 def _image_spec(config):
-  from experiments.data import images  # pylint: disable=g-import-not-at-top
+  from data import images  # pylint: disable=g-import-not-at-top
   info = images.image_info(config.data)
   return {"image": ((info["height"], info["width"], info["channels"]), "float32"),  # [H, W, C]
           "label": ((), "int32")}
@@ -199,7 +199,7 @@ def abstract_inputs(s):
   """ShapeDtypeStructs with shardings for (batch, lr_inputs) of the trainer's step."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from train import trainer  # pylint: disable=g-import-not-at-top
   task = s.config.task
   if task not in _EXAMPLE_SPECS:
     raise ValueError(f"config.task={task!r}: preflight knows the batch shapes of "
@@ -266,7 +266,7 @@ def preflight(config, tpu: common.TpuSlice, label: str = "config", vocab_size: i
   require_libtpu()
   prepare_environment()
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from train import trainer  # pylint: disable=g-import-not-at-top
   from sharding import rules as rules_lib  # pylint: disable=g-import-not-at-top
 
   config, note = without_data_files(config, vocab_size)
@@ -379,6 +379,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from experiments import cli  # pylint: disable=g-import-not-at-top
+  from train import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
   sys.exit(cli.run(main))

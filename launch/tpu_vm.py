@@ -1,12 +1,12 @@
 r"""Cloud TPU VMs: create, copy the code, install, run on every worker, babysit preemptions.
 
   python -m launch.tpu_vm up --name=lm125m --zone=us-central2-b --project=PROJECT \
-      --accelerator=v4-32 --spot --config=experiments/configs/lm.py:125m \
+      --accelerator=v4-32 --spot --config=configs/lm.py:125m \
       --workdir=gs://BUCKET/lm125m -- --config.data.spm_model=gs://BUCKET/c4_32k.model
 
 Subcommands: create, delete, copy, install, run, stop, status, logs, up (create, wait until
 ready, copy, install, run) and babysit (up, then keep it alive). Arguments after `--` go to
-`experiments.train` (or `experiments.sweep` with --job=sweep). `--dry-run` prints the exact
+`train` (or `sweep` with --job=sweep). `--dry-run` prints the exact
 commands and runs nothing. Missing or bad --zone/--project/--accelerator exit 2 in one line.
 
 On the workers: the code lives in ~/batchscale, a Python 3.11 venv in ~/batchscale-venv (made with
@@ -36,7 +36,7 @@ from launch import common
 
 SUBCOMMANDS = ("create", "delete", "copy", "install", "run", "stop", "status", "logs", "up",
                "babysit")
-JOBS = {"train": "experiments.train", "sweep": "experiments.sweep"}
+JOBS = {"train": "train", "sweep": "sweep"}
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 _METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes"
 
@@ -57,7 +57,7 @@ class Options:
   job: str = "train"
   config: str = ""
   workdir: str = ""
-  args: tuple = ()  # passed on to experiments.train / experiments.sweep
+  args: tuple = ()  # passed on to train / sweep
   jax_version: str = ""  # '' = the jax pin in requirements.txt
   python_version: str = "3.11"
   code_dir: str = "$HOME/batchscale"
@@ -98,7 +98,7 @@ def validate(opts: Options, subcommand: str) -> None:
     if opts.job not in JOBS:
       raise ValueError(f"--job={opts.job!r}: valid are {', '.join(JOBS)}.")
     if not opts.config:
-      raise ValueError("--config is required (e.g. --config=experiments/configs/lm.py:125m).")
+      raise ValueError("--config is required (e.g. --config=configs/lm.py:125m).")
     if not opts.workdir:
       raise ValueError("--workdir is required (a gs:// path every worker can reach).")
   if subcommand == "babysit" and not opts.workdir.startswith("gs://"):
@@ -445,8 +445,8 @@ def _define_flags():
   flags.DEFINE_bool("queued", False, "Ask through a queued resource (waits for capacity).")
   flags.DEFINE_string("git_url", "", "Clone this on the workers instead of copying the checkout.")
   flags.DEFINE_string("git_ref", "", "Branch, tag or commit to check out after cloning.")
-  flags.DEFINE_enum("job", "train", list(JOBS), "experiments.train or experiments.sweep.")
-  flags.DEFINE_string("config", "", "--config for the job, e.g. experiments/configs/lm.py:125m.")
+  flags.DEFINE_enum("job", "train", list(JOBS), "train or sweep.")
+  flags.DEFINE_string("config", "", "--config for the job, e.g. configs/lm.py:125m.")
   flags.DEFINE_string("workdir", "", "--workdir for the job (gs:// so every worker sees it).")
   flags.DEFINE_string("jax_version", "", "jax[tpu] version; '' = the pin in requirements.txt.")
   flags.DEFINE_string("python_version", "3.11", "Python of the venv on the workers.")
@@ -479,6 +479,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from experiments import cli  # pylint: disable=g-import-not-at-top
+  from train import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
   sys.exit(cli.run(main))

@@ -13,7 +13,7 @@ segment embeddings and no next-sentence head (Liu et al. 2019 find NSP unneeded)
 
 Shapes: tokens [B, T] (with [MASK] ids) -> logits [B, T, V] float32, V padded to a multiple
 of `vocab_multiple` (padding ids are never targets). Uses `TransformerConfig`; `causal` is
-the only switch. Real sizes (`experiments/configs/bert.py`): base d=768, 12 layers, 12 heads,
+the only switch. Real sizes (`configs/bert.py`): base d=768, 12 layers, 12 heads,
 MLP 3072 (GELU), ~110M params with a 30k vocabulary; large d=1024, 24 layers, 16 heads, MLP
 4096, ~340M.
 """

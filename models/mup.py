@@ -77,7 +77,7 @@ leaves ×1, applied after the trust ratio (`optimizers.factory`). Leaves the opt
 adapt (`config.optimizer.mask`; by default biases and norms) take the plain inner step and get
 their base optimizer's row: Adam for LAMB, SGD for LARS. Init, the 1/d attention and the
 1/width_mult output multiplier apply as for any optimizer. A coordinate check
-(`experiments.mup_transfer.coord_check`, asserted in tests/models/test_mup.py) backs this:
+(`studies.yang2022_mup.study.coord_check`, asserted in tests/models/test_mup.py) backs this:
 under LAMB with these multipliers every layer stays within 1.4× from width 64 to 1024 after 5
 steps; with none, some layers grow 3.8×; with Adam's table after the ratio, some shrink to
 0.5×. It is our derivation, not a table of TP5, which covers SGD- and Adam-type optimizers.

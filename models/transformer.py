@@ -8,7 +8,7 @@ so the same model runs data-, FSDP-, tensor- and sequence-parallel by config alo
 `parametrization='mup'` applies the μP initialisation, attention and output scalings of
 Yang et al. 2022 (Tensor Programs V) in the formulation of its Table 8 (the readout carries the
 forward multiplier 1/width_mult); the per-layer learning-rate multipliers are built by
-`models.mup` and applied by the optimizer (`experiments.trainer.setup` passes them on).
+`models.mup` and applied by the optimizer (`train.trainer.setup` passes them on).
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ import sys
 import jax
 import numpy as np
 
-from experiments import trainer
-from experiments.configs import lm as lm_config
+from train import trainer
+from configs import lm as lm_config
 from sharding import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -92,7 +92,7 @@ def test_committed_without_outputs(name):
     assert cell.outputs == [], f"{name}.ipynb code cell {i} has outputs: strip them"
     assert cell.execution_count is None, f"{name}.ipynb code cell {i} has an execution count"
   # Colab set-up first (clone + install, a no-op in a checkout); tiny mode is switchable.
-  assert "requirements.txt" in code[0].source and "experiments/trainer.py" in code[0].source
+  assert "requirements.txt" in code[0].source and "train/trainer.py" in code[0].source
   assert any("BATCHSCALE_NOTEBOOK_TINY" in c.source for c in code)
   if any("import jax" in c.source for c in code):
     # The virtual devices must be requested before anything imports JAX.

@@ -1,10 +1,10 @@
-"""Tests for experiments/data/lm.py: the loader."""
+"""Tests for data/lm.py: the loader."""
 
 import numpy as np
 import pytest
 
-from experiments import data as data_lib
-from experiments.data import lm
+import data as data_lib
+from data import lm
 
 
 @pytest.fixture(scope='module')

@@ -1,9 +1,9 @@
-"""Tests for experiments/data/markov.py."""
+"""Tests for data/markov.py."""
 import numpy as np
 import pytest
 
-from experiments.data import lm
-from experiments.data import markov
+from data import lm
+from data import markov
 
 
 def test_entropy_rate_of_a_two_state_chain():

@@ -1,11 +1,11 @@
-"""Tests for experiments/data/python_source.py and the corpus statistics in lm.py."""
+"""Tests for data/python_source.py and the corpus statistics in lm.py."""
 import os
 
 import numpy as np
 import pytest
 
-from experiments.data import lm
-from experiments.data import python_source
+from data import lm
+from data import python_source
 
 
 @pytest.fixture(scope='module')

@@ -1,9 +1,9 @@
-"""Tests for experiments/data/tokenizers.py."""
+"""Tests for data/tokenizers.py."""
 import numpy as np
 
-from experiments.data import lm
-from experiments.data import python_source
-from experiments.data import tokenizers
+from data import lm
+from data import python_source
+from data import tokenizers
 
 
 def test_bytes_round_trip():

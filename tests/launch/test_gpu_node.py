@@ -7,14 +7,14 @@ from tests import testlib
 
 
 def test_all_steps():
-  o = gpu_node.Options(config="experiments/configs/lm.py:125m", workdir="/data/w", mesh="fsdp",
+  o = gpu_node.Options(config="configs/lm.py:125m", workdir="/data/w", mesh="fsdp",
                        args=("--config.num_steps=10",))
   install, check, run = gpu_node.commands(o, "all")
   assert install == ["python3", "-m", "pip", "install", "-r", "requirements.txt",
                      f"jax[cuda12]=={common.pinned_version('jax')}"]
   assert check[:4] == ["env", "JAX_PLATFORMS=cuda", "python3", "-c"]
-  assert run == ["env", "JAX_PLATFORMS=cuda", "python3", "-m", "experiments.train",
-                 "--config=experiments/configs/lm.py:125m", "--workdir=/data/w",
+  assert run == ["env", "JAX_PLATFORMS=cuda", "python3", "-m", "train",
+                 "--config=configs/lm.py:125m", "--workdir=/data/w",
                  "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.num_steps=10"]
 
 
@@ -36,15 +36,15 @@ def test_validation(opts, message):
 
 def test_cli_dry_run():
   proc = testlib.run_cli("launch.gpu_node", "--dry-run", "--python=/nonexistent/python",
-                         "--config=experiments/configs/lm.py:tiny", "--workdir=/tmp/w", "--",
+                         "--config=configs/lm.py:tiny", "--workdir=/tmp/w", "--",
                          "--config.num_steps=5", timeout=120)
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
   assert lines[0].startswith("/nonexistent/python -m pip install -r requirements.txt 'jax[cuda12]")
-  assert lines[-1] == ("env JAX_PLATFORMS=cuda /nonexistent/python -m experiments.train "
-                       "--config=experiments/configs/lm.py:tiny --workdir=/tmp/w "
+  assert lines[-1] == ("env JAX_PLATFORMS=cuda /nonexistent/python -m train "
+                       "--config=configs/lm.py:tiny --workdir=/tmp/w "
                        "--config.mesh.data=-1 --config.mesh.fsdp=1 --config.num_steps=5")
   missing = testlib.run_cli("launch.gpu_node", "run", "--dry-run", timeout=120)
   assert missing.returncode == 2
   assert missing.stderr.strip() == ("error: --config is required "
-                                    "(e.g. --config=experiments/configs/lm.py:125m).")
+                                    "(e.g. --config=configs/lm.py:125m).")

@@ -76,7 +76,7 @@ def test_without_libtpu_exit_2_naming_the_requirements_file(tmp_path):
   blocker = tmp_path / "libtpu"
   blocker.mkdir()
   (blocker / "__init__.py").write_text("raise ImportError('libtpu is blocked for this test')\n")
-  proc = run_preflight("--config=experiments/configs/lm.py:tiny", "--topology=v5e:2x2",
+  proc = run_preflight("--config=configs/lm.py:tiny", "--topology=v5e:2x2",
                        env={"PYTHONPATH": str(tmp_path)})
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip().splitlines() == [
@@ -86,7 +86,7 @@ def test_without_libtpu_exit_2_naming_the_requirements_file(tmp_path):
 
 @needs_libtpu
 def test_tiny_on_v5e_4x4_prints_memory_and_flops():
-  proc = run_preflight("--config=experiments/configs/lm.py:tiny", "--topology=v5e:4x4")
+  proc = run_preflight("--config=configs/lm.py:tiny", "--topology=v5e:4x4")
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   assert "on v5e:4x4 (v5litepod-16): 16 x TPU v5 lite" in out
@@ -107,7 +107,7 @@ def test_tiny_on_v5e_4x4_prints_memory_and_flops():
 @needs_libtpu
 def test_fsdp_on_v4_8_shards_the_state():
   """A megacore 3D slice, named by gcloud's accelerator type; fsdp splits params 4 ways."""
-  base = ["--config=experiments/configs/lm.py:tiny", "--topology=v4-8"]
+  base = ["--config=configs/lm.py:tiny", "--topology=v4-8"]
   proc = run_preflight(*base, "--config.mesh.data=1", "--config.mesh.fsdp=-1")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "4 x TPU v4" in proc.stdout and "mesh: data=1 fsdp=4" in proc.stdout
@@ -119,7 +119,7 @@ def test_fsdp_on_v4_8_shards_the_state():
 
 @needs_libtpu
 def test_too_big_fails_in_one_line():
-  proc = run_preflight("--config=experiments/configs/lm.py:1.3b,global_batch_size=4096",
+  proc = run_preflight("--config=configs/lm.py:1.3b,global_batch_size=4096",
                        "--topology=v5e:2x2")
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()

@@ -18,7 +18,7 @@ WHERE = ["--zone=us-central2-b", "--project=proj"]
 
 def opts(**kw):
   base = dict(name="lm125m", zone="us-central2-b", project="proj", accelerator="v4-32",
-              config="experiments/configs/lm.py:125m", workdir="gs://bucket/lm125m")
+              config="configs/lm.py:125m", workdir="gs://bucket/lm125m")
   base.update(kw)
   return tpu_vm.Options(**base)
 
@@ -133,12 +133,12 @@ def test_start_runs_on_all_workers_under_nohup_with_a_log():
   assert start[5:7] == ["lm125m", "--worker=all"]
   script = start[7]
   assert "export TPU_WORKER_HOSTNAMES=$H" in script and "export TPU_WORKER_ID=$W" in script
-  assert ("nohup bash -c '$HOME/batchscale-venv/bin/python -m experiments.train "
-          "--config=experiments/configs/lm.py:125m --workdir=gs://bucket/lm125m "
+  assert ("nohup bash -c '$HOME/batchscale-venv/bin/python -m train "
+          "--config=configs/lm.py:125m --workdir=gs://bucket/lm125m "
           "--config.num_steps=100 & echo") in script
   assert script.endswith("> $HOME/batchscale-run/train.log 2>&1 < /dev/null &")
   sweep = tpu_vm.start_commands(opts(job="sweep"))[0][7]
-  assert "-m experiments.sweep" in sweep and "batchscale-run/sweep.log" in sweep
+  assert "-m sweep" in sweep and "batchscale-run/sweep.log" in sweep
 
 
 def _bash(script, home, env=None):
@@ -179,7 +179,7 @@ def test_remote_scripts_in_bash(tmp_path):
   assert _bash(start, tmp_path).returncode == 0
   _wait_for(run / "exit_code")
   log = (run / "train.log").read_text()
-  assert ("args: -m experiments.train --config=experiments/configs/lm.py:125m "
+  assert ("args: -m train --config=configs/lm.py:125m "
           "--workdir=gs://bucket/lm125m --config.num_steps=3") in log
   if shutil.which("curl"):
     assert "hosts=10.0.0.1,10.0.0.2 id=1" in log
@@ -232,7 +232,7 @@ def test_accelerator_is_not_needed_to_copy_or_run():
 ])
 def test_cli_errors_are_one_line_exit_2(flag, message):
   args = ["--name=lm125m", "--zone=us-central2-b", "--project=proj", "--accelerator=v5p-64",
-          "--config=experiments/configs/lm.py:125m", "--workdir=gs://b/w", "--dry-run"]
+          "--config=configs/lm.py:125m", "--workdir=gs://b/w", "--dry-run"]
   args = [a for a in args if a.split("=")[0] != flag.split("=")[0]] + [flag]
   proc = testlib.run_cli("launch.tpu_vm", "create", *args, timeout=120)
   assert proc.returncode == 2, proc.stderr
@@ -246,7 +246,7 @@ def test_cli_dry_run_up_prints_every_step_and_runs_nothing():
   proc = testlib.run_cli(
       "launch.tpu_vm", "up", f"--name={name}", "--zone=europe-west4-b", "--project=proj",
       "--accelerator=v5p-64", "--queued", "--spot", "--gcloud=/nonexistent/gcloud",
-      "--config=experiments/configs/lm.py:125m", "--workdir=gs://b/w", "--dry-run", "--",
+      "--config=configs/lm.py:125m", "--workdir=gs://b/w", "--dry-run", "--",
       "--config.num_steps=10", timeout=120)
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout.splitlines()

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import trainer
-from experiments.configs import bert as bert_config
-from experiments.data import lm
-from experiments.data import mlm
+from train import trainer
+from configs import bert as bert_config
+from data import lm
+from data import mlm
 from models import bert
 from models import transformer
 

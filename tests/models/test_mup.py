@@ -9,8 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import mup_transfer
-from experiments import trainer
+from studies.yang2022_mup import study as mup_transfer
+from train import trainer
 from models import mup
 from models import transformer
 from optimizers import factory

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import trainer
-from experiments.configs import resnet as resnet_config
-from experiments.data import digits
-from experiments.data import images
+from train import trainer
+from configs import resnet as resnet_config
+from data import digits
+from data import images
 from models import flops
 from models import resnet
 from sharding import mesh as mesh_lib

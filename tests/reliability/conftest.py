@@ -20,7 +20,7 @@ import pytest
 from tests import testlib
 
 STEPS, INTERVAL = 30, 5
-TRAIN = ("--config=experiments/configs/lm.py:tiny,num_steps=30,schedule.warmup_steps=10,checkpoint_every=5,log_every=1,"
+TRAIN = ("--config=configs/lm.py:tiny,num_steps=30,schedule.warmup_steps=10,checkpoint_every=5,log_every=1,"
          "eval_every=0,keep_checkpoints=10,device_peak_flops=1e12")
 TIMING = {"step_time_s", "tokens_per_s", "mfu"}
 RECORD_ENV = "RELIABILITY_RECORD"  # a JSON-lines file the figures are appended to
@@ -53,7 +53,7 @@ def train_cli(workdir, *extra, env=None, check=True, max_file_kib: int | None = 
   """
   full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **(env or {}))
   full_env.pop("XLA_FLAGS", None)
-  command = [sys.executable, "-m", "experiments.train", TRAIN, f"--workdir={workdir}", *extra]
+  command = [sys.executable, "-m", "train", TRAIN, f"--workdir={workdir}", *extra]
   if max_file_kib:  # Python ignores SIGXFSZ itself, so the write returns the error
     command = ["bash", "-c", f'ulimit -f {max_file_kib} && exec "$@"', "bash", *command]
   proc = subprocess.run(command, cwd=testlib.ROOT, env=full_env, capture_output=True,
@@ -68,7 +68,7 @@ def popen_train(workdir, *extra, env=None, log=None):
   full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **(env or {}))
   full_env.pop("XLA_FLAGS", None)
   out = open(log, "w") if log else subprocess.DEVNULL
-  return subprocess.Popen([sys.executable, "-m", "experiments.train", TRAIN,
+  return subprocess.Popen([sys.executable, "-m", "train", TRAIN,
                            f"--workdir={workdir}", *extra], cwd=testlib.ROOT, env=full_env,
                           stdout=out, stderr=subprocess.STDOUT, text=True)
 

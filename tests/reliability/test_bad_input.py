@@ -8,92 +8,92 @@ import pytest
 from tests import testlib
 from tests.reliability import conftest as rel
 
-LM = "--config=experiments/configs/lm.py:tiny"
-SWEEP = "--config=experiments/configs/sweep.py:test"
+LM = "--config=configs/lm.py:tiny"
+SWEEP = "--config=configs/sweep.py:test"
 CSV = "--csv=tests/testdata/chinchilla_svg_extracted.csv"
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # for mesh divisibility
 
 # id: (module, args, substrings of the error line: the field, then what is valid, env)
 CASES = {
     # Config keys and types.
-    "unknown_key_flag": ("experiments.train", (LM, "--config.optimizer.no_such=1"),
+    "unknown_key_flag": ("train", (LM, "--config.optimizer.no_such=1"),
                          ("--config.optimizer.no_such", "no field 'no_such'")),
-    "unknown_key_in_variant": ("experiments.train", (LM + ",nonsense=3",),
+    "unknown_key_in_variant": ("train", (LM + ",nonsense=3",),
                                ("config.nonsense", "valid: ['async_checkpointing'")),
-    "wrong_type_int": ("experiments.train", (LM, "--config.num_steps=abc"),
+    "wrong_type_int": ("train", (LM, "--config.num_steps=abc"),
                        ("--config.num_steps=abc", "expected an integer")),
-    "wrong_type_bool": ("experiments.train", (LM, "--config.async_checkpointing=maybe"),
+    "wrong_type_bool": ("train", (LM, "--config.async_checkpointing=maybe"),
                         ("--config.async_checkpointing=maybe", "true or false")),
     # Sizes and intervals.
-    "zero_global_batch": ("experiments.train", (LM + ",global_batch_size=0",),
+    "zero_global_batch": ("train", (LM + ",global_batch_size=0",),
                           ("config.global_batch_size=0", "positive integer")),
-    "negative_num_steps": ("experiments.train", (LM, "--config.num_steps=-5"),
+    "negative_num_steps": ("train", (LM, "--config.num_steps=-5"),
                            ("config.num_steps=-5", "integer >= 1")),
-    "zero_checkpoint_every": ("experiments.train", (LM, "--config.checkpoint_every=0"),
+    "zero_checkpoint_every": ("train", (LM, "--config.checkpoint_every=0"),
                               ("config.checkpoint_every=0", "integer >= 1")),
-    "negative_eval_every": ("experiments.train", (LM, "--config.eval_every=-1"),
+    "negative_eval_every": ("train", (LM, "--config.eval_every=-1"),
                             ("config.eval_every=-1", ">= 0 (0 = off)")),
-    "micro_batch_not_dividing": ("experiments.train", (LM, "--config.micro_batch_size=5"),
+    "micro_batch_not_dividing": ("train", (LM, "--config.micro_batch_size=5"),
                                  ("config.micro_batch_size=5",
                                   "must divide config.global_batch_size=16")),
-    "seq_len_over_model": ("experiments.train", (LM, "--config.seq_len=512"),
+    "seq_len_over_model": ("train", (LM, "--config.seq_len=512"),
                            ("config.seq_len=512", "config.model.max_seq_len=128")),
-    "heads_not_dividing": ("experiments.train", (LM, "--config.model.num_heads=3"),
+    "heads_not_dividing": ("train", (LM, "--config.model.num_heads=3"),
                            ("config.model.num_heads=3", "must divide config.model.d_model")),
     # Optimizer and schedule numbers, and the eval split (before any step).
-    "negative_peak_lr": ("experiments.train", (LM, "--config.schedule.peak_lr=-0.003"),
+    "negative_peak_lr": ("train", (LM, "--config.schedule.peak_lr=-0.003"),
                          ("config.schedule.peak_lr=-0.003", "finite number > 0")),
-    "nan_peak_lr": ("experiments.train", (LM, "--config.schedule.peak_lr=nan"),
+    "nan_peak_lr": ("train", (LM, "--config.schedule.peak_lr=nan"),
                     ("config.schedule.peak_lr=nan", "finite number > 0")),
-    "warmup_over_num_steps": ("experiments.train", (LM, "--config.schedule.warmup_steps=1000",
+    "warmup_over_num_steps": ("train", (LM, "--config.schedule.warmup_steps=1000",
                                                     "--config.num_steps=20"),
                               ("config.schedule.warmup_steps=1000", "<= config.schedule.total_steps=20")),
-    "negative_weight_decay": ("experiments.train", (LM, "--config.optimizer.weight_decay=-1"),
+    "negative_weight_decay": ("train", (LM, "--config.optimizer.weight_decay=-1"),
                               ("config.optimizer.weight_decay=-1", ">= 0")),
-    "b2_over_one": ("experiments.train", (LM, "--config.optimizer.b2=1.5"),
+    "b2_over_one": ("train", (LM, "--config.optimizer.b2=1.5"),
                     ("config.optimizer.b2=1.5", "in [0, 1)")),
-    "eval_split_under_one_batch": ("experiments.train", (LM, "--config.eval_batch_size=100000"),
+    "eval_split_under_one_batch": ("train", (LM, "--config.eval_batch_size=100000"),
                                    ("config.eval_batch_size=100000",
                                     "more than the eval split holds")),
     # Mesh, batch and sequence divisibility.
-    "mesh_over_devices": ("experiments.train", (LM, "--config.mesh.data=3"),
+    "mesh_over_devices": ("train", (LM, "--config.mesh.data=3"),
                           ("config.mesh=", "product of the axis sizes must equal")),
-    "batch_vs_mesh": ("experiments.train", (LM, "--config.global_batch_size=12"),
+    "batch_vs_mesh": ("train", (LM, "--config.global_batch_size=12"),
                       ("config.global_batch_size=12", "data-parallel size 8"), EIGHT),
-    "eval_batch_vs_mesh": ("experiments.train", (LM, "--config.eval_batch_size=12"),
+    "eval_batch_vs_mesh": ("train", (LM, "--config.eval_batch_size=12"),
                            ("config.eval_batch_size=12", "data-parallel size 8"), EIGHT),
-    "seq_vs_sequence_axis": ("experiments.train",
+    "seq_vs_sequence_axis": ("train",
                              (LM, "--config.mesh.sequence=2", "--config.seq_len=63"),
                              ("config.seq_len=63", "sequence axis"), EIGHT),
     # Names.
-    "unknown_optimizer": ("experiments.train", (LM, "--config.optimizer.name=adam"),
+    "unknown_optimizer": ("train", (LM, "--config.optimizer.name=adam"),
                           ("config.optimizer.name='adam'", "'adamw'")),
-    "unknown_schedule": ("experiments.train", (LM, "--config.schedule.name=exp"),
+    "unknown_schedule": ("train", (LM, "--config.schedule.name=exp"),
                          ("config.schedule.name='exp'", "'cosine'")),
-    "unknown_dataset": ("experiments.train", (LM, "--config.data.name=wikitext"),
+    "unknown_dataset": ("train", (LM, "--config.data.name=wikitext"),
                         ("config.data.name='wikitext'", "'python_source'")),
-    "unknown_controller": ("experiments.train", (LM, "--config.batch_size.controller=magic"),
+    "unknown_controller": ("train", (LM, "--config.batch_size.controller=magic"),
                            ("config.batch_size.controller='magic'", "noise_scale")),
-    "unknown_nan_policy": ("experiments.train", (LM, "--config.nan_policy=ignore"),
+    "unknown_nan_policy": ("train", (LM, "--config.nan_policy=ignore"),
                            ("config.nan_policy='ignore'", "'skip'")),
-    "unknown_variant": ("experiments.train", ("--config=experiments/configs/lm.py:huge",),
+    "unknown_variant": ("train", ("--config=configs/lm.py:huge",),
                         ("variant 'huge'", "'tiny'")),
     # Files, directories and flags.
-    "missing_config_file": ("experiments.train", ("--config=experiments/configs/nope.py",),
-                            ("--config=experiments/configs/nope.py", "No such file")),
-    "unwritable_workdir": ("experiments.train", (LM, "--workdir={file}/sub"),
+    "missing_config_file": ("train", ("--config=configs/nope.py",),
+                            ("--config=configs/nope.py", "No such file")),
+    "unwritable_workdir": ("train", (LM, "--workdir={file}/sub"),
                            ("--workdir=", "cannot be written (Not a directory)")),
-    "init_from_not_a_run": ("experiments.train", (LM, "--config.init_from={tmp}/nothing"),
+    "init_from_not_a_run": ("train", (LM, "--config.init_from={tmp}/nothing"),
                             ("config.init_from=", "workdir of an earlier run")),
-    "unknown_flag": ("experiments.train", (LM, "--no_such_flag"),
+    "unknown_flag": ("train", (LM, "--no_such_flag"),
                      ("no_such_flag", "--helpfull")),
     # The sweep and fit CLIs.
-    "sweep_too_few_steps": ("experiments.sweep", (SWEEP, "--config.grid.tokens=(64,)"),
+    "sweep_too_few_steps": ("sweep", (SWEEP, "--config.grid.tokens=(64,)"),
                             ("config.grid.tokens", "at least 2")),
-    "fit_csv_missing_column": ("experiments.fit",
+    "fit_csv_missing_column": ("laws.fit",
                                (CSV, "--mapping=N:Model Size,C:Training FLOP,loss:nope"),
                                ("'loss' -> 'nope'", "the file has columns")),
-    "fit_missing_csv_file": ("experiments.fit", ("--csv={tmp}/none.csv", "--mapping=N:N"),
+    "fit_missing_csv_file": ("laws.fit", ("--csv={tmp}/none.csv", "--mapping=N:N"),
                              ("--csv=", "No such file or directory")),
 }
 
@@ -121,14 +121,14 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path):
 
 
 def test_missing_workdir_flag():
-  proc = testlib.run_cli("experiments.train", LM)
+  proc = testlib.run_cli("train", LM)
   assert proc.returncode == 2
   assert rel.log_lines(proc.stderr)[1] == [
       "error: flag --workdir=None: Flag --workdir must have a value other than None."]
 
 
 def test_traceback_flag_shows_the_traceback(tmp_path):
-  proc = _run("experiments.train", (LM, "--config.nan_policy=ignore", "--traceback"), tmp_path)
+  proc = _run("train", (LM, "--config.nan_policy=ignore", "--traceback"), tmp_path)
   assert proc.returncode == 2
   assert "Traceback (most recent call last)" in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: config.nan_policy='ignore'")

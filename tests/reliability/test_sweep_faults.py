@@ -1,7 +1,7 @@
 """Sweep faults: the driver SIGKILLed three times at random points, workers racing for
 trials, trials that raise or diverge.
 
-tests/experiments/test_sweep.py already covers one SIGKILL half-way, two full workers on one
+tests/sweep/test_sweep.py already covers one SIGKILL half-way, two full workers on one
 store, a diverging learning rate (loss bound) and the store's retry bookkeeping in-process;
 this file covers repeated kills at random points (in trials, between them, in the fit),
 claims racing across processes with a worker killed among them, and exceptions raised by
@@ -19,9 +19,9 @@ import time
 import optuna
 import pytest
 
-from experiments import sweep_lib
-from experiments import trainer
-from experiments.configs import sweep as sweep_configs
+from sweep import runner as sweep_lib
+from train import trainer
+from configs import sweep as sweep_configs
 from tests import testlib
 from tests.reliability import conftest as rel
 
@@ -44,7 +44,7 @@ def _config():
 
 
 def _args(workdir, cache):
-  return ("experiments.sweep", "--config=experiments/configs/sweep.py:test", *GRID,
+  return ("sweep", "--config=configs/sweep.py:test", *GRID,
           f"--workdir={workdir}", f"--config.compilation_cache_dir={cache}")
 
 
@@ -156,8 +156,8 @@ def test_driver_killed_three_times_at_random_points(uninterrupted, sweep_cache, 
 
 _CLAIMER = r"""
 import json, sys, time
-from experiments import sweep_lib
-from experiments.configs import sweep as sweep_configs
+from sweep import runner as sweep_lib
+from configs import sweep as sweep_configs
 config = sweep_configs.get_config("test")
 store = sweep_lib.open_store(config, sys.argv[1])
 with open(sys.argv[2], "a", buffering=1) as log:

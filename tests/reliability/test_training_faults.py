@@ -2,8 +2,8 @@
 writes, NaN losses. The training parts of "preemption, crashes, corrupt state and bad input
 lose nothing": every scenario ends bitwise equal to one uninterrupted run (CPU).
 
-tests/experiments/test_resume.py covers all checkpoints unreadable (a clear error);
-tests/experiments/test_adaptive_batch.py a SIGKILL of a run whose batch size adapts.
+tests/train/test_resume.py covers all checkpoints unreadable (a clear error);
+tests/train/test_adaptive_batch.py a SIGKILL of a run whose batch size adapts.
 """
 import dataclasses
 import errno
@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import checkpoint as ckpt_lib
-from experiments import trainer
+from train import checkpoint as ckpt_lib
+from train import trainer
 from tests import testlib
 from tests.reliability import conftest as rel
 

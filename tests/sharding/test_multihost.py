@@ -19,13 +19,13 @@ import orbax.checkpoint as ocp
 import psutil
 import pytest
 
-from experiments import trainer
+from train import trainer
 from launch import local
 from tests import testlib
 
 STEPS = 20
 VARIANT = f"tiny,num_steps={STEPS},schedule.warmup_steps=5,checkpoint_every=5,log_every=1,eval_every=0"
-CONFIG = f"--config=experiments/configs/lm.py:{VARIANT},device_peak_flops=1e12"
+CONFIG = f"--config=configs/lm.py:{VARIANT},device_peak_flops=1e12"
 # Data parallel across the two processes (each loads its half of the batch), tensor and
 # sequence (ring attention) parallel inside each.
 MESH = ("--config.mesh.data=2", "--config.mesh.tensor=2", "--config.mesh.sequence=2",
@@ -45,7 +45,7 @@ def _env(compile_cache=None):
 
 def _launch_argv(workdir, *overrides):
   return [sys.executable, "-m", "launch.local", "--num_processes=2", "--devices_per_process=4",
-          f"--log_dir={workdir}/logs", "--", sys.executable, "-m", "experiments.train", CONFIG,
+          f"--log_dir={workdir}/logs", "--", sys.executable, "-m", "train", CONFIG,
           f"--workdir={workdir}", *overrides]
 
 
@@ -154,7 +154,7 @@ def test_coordinator_unreachable_or_peers_missing_is_one_line_exit_2(tmp_path):
   comes. Both give up after --coordinator_timeout_s=5 with one line, instead of hanging."""
   def start(process_id, port):
     return testlib.popen_cli(
-        "experiments.train", "--config=experiments/configs/lm.py:tiny",
+        "train", "--config=configs/lm.py:tiny",
         f"--workdir={tmp_path}/p{process_id}", f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2", f"--process_id={process_id}", "--coordinator_timeout_s=5")
   start_time = time.time()
@@ -186,7 +186,7 @@ def test_bad_mesh_for_the_model_is_one_clear_error(overrides, message):
 def test_launcher_dry_run_prints_each_process_command():
   proc = subprocess.run(
       [sys.executable, "-m", "launch.local", "--num_processes=2", "--devices_per_process=4",
-       "--port=12345", "--dry-run", "--", "python", "-m", "experiments.train",
+       "--port=12345", "--dry-run", "--", "python", "-m", "train",
        "--workdir=/tmp/x y"], cwd=testlib.ROOT, env=_env(), capture_output=True, text=True,
       timeout=60)
   assert proc.returncode == 0, proc.stderr
@@ -197,7 +197,7 @@ def test_launcher_dry_run_prints_each_process_command():
                            f"JAX_PROCESS_ID={i} ")
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in line
     assert "JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo" in line
-    assert line.endswith("python -m experiments.train '--workdir=/tmp/x y'")
+    assert line.endswith("python -m train '--workdir=/tmp/x y'")
 
 
 def test_launcher_kills_the_rest_and_returns_the_failure(tmp_path):

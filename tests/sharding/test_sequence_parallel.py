@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import trainer
+from train import trainer
 from sharding import rules as rules_lib
 from tests import testlib
 

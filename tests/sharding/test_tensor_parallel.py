@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import trainer
+from train import trainer
 from sharding import rules as rules_lib
 from tests import testlib
 

@@ -1,0 +1,83 @@
+"""studies/you2020_large_batch/study.py: run configs (pure) and a smoke run on a 2-point grid."""
+import json
+import math
+import os
+
+import pytest
+
+from studies.you2020_large_batch import study as lbs
+from studies.you2020_large_batch import config as large_batch
+
+
+def test_run_configs_keep_the_token_budget_and_the_sqrt_rule():
+  study = large_batch.get_config("cpu")
+  for opt in study.optimizers:
+    for b in study.batch_sizes:
+      c = lbs.run_config(study, opt, b, factor=3.0)
+      assert c.num_steps * b * c.seq_len == study.tokens_per_run
+      assert c.schedule.total_steps == c.num_steps
+      assert c.schedule.name == "warmup_poly" and c.schedule.batch_size_rule == "sqrt"
+      assert c.optimizer.name == opt and c.lr_scale == 3.0
+      assert c.global_batch_size % (c.micro_batch_size or b) == 0
+      # Constant warmup tokens by default: warmup steps scale like the run length.
+      assert c.schedule.warmup_steps == round(0.1 * c.num_steps)
+    ratio = lbs.peak_lr(study, opt, 256, 1.0) / lbs.peak_lr(study, opt, 16, 1.0)
+    assert ratio == pytest.approx(4.0)  # sqrt(256 / 16)
+  # LEGW: warmup fraction grows with B / B0.
+  study.warmup_batch_exponent = 1.0
+  assert lbs.warmup_steps(study, 256) == round(0.1 * 4 * lbs.num_steps(study, 256))
+
+
+@pytest.mark.parametrize("variant", ["cpu", "small_cpu", "small"])
+def test_every_variant_is_valid_and_spends_its_budget(variant):
+  study = large_batch.get_config(variant)
+  lbs.validate(study)
+  for b in study.batch_sizes:
+    c = lbs.run_config(study, "lamb", b)
+    assert c.num_steps * b * c.seq_len == study.tokens_per_run
+    assert c.seq_len <= c.model.max_seq_len
+
+
+@pytest.mark.parametrize("override, field", [
+    ("optimizers=('adamw', 'sgdx')", "config.optimizers"),
+    ("base_batch_size=32", "config.base_batch_size"),
+    ("micro_batch_size=24", "config.micro_batch_size"),
+    ("tokens_per_run=1000", "config.tokens_per_run"),
+    ("lr_check_factors=(0.0, 1.0)", "config.lr_check_factors"),
+])
+def test_bad_config_is_one_line_naming_the_field(override, field):
+  study = large_batch.get_config("cpu")
+  key, value = override.split("=", 1)
+  study[key] = eval(value)  # pylint: disable=eval-used
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")) as e:
+    lbs.validate(study)
+  assert "\n" not in str(e.value)
+
+
+def test_best_factor_skips_diverged_runs():
+  rec = lambda f, loss, status="done": {"factor": f, "eval_loss": loss, "status": status}
+  assert lbs.best_factor([rec(1.0, 3.0), rec(3.0, 2.5), rec(9.0, None, "diverged")]) == 3.0
+  assert lbs.best_factor([rec(1.0, None, "diverged")]) == 1.0
+
+
+def test_smoke_run_two_batch_sizes(tmp_path):
+  study = large_batch.get_config("test")
+  out = lbs.run(study, str(tmp_path), log=lambda _: None)
+  # 2 check runs at B0 = 8 (one of them is also the sweep's B0 point) + 1 run at B = 16.
+  assert {r["key"] for r in out["check"]} == {"lamb/b8_x0.5", "lamb/b8_x1"}
+  assert [r["batch_size"] for r in out["sweep"]] == [8, 16]
+  assert out["sweep"][0]["factor"] == out["factors"]["lamb"]
+  for r in out["check"] + out["sweep"]:
+    assert r["status"] == "done" and math.isfinite(r["eval_loss"]), r
+    assert os.path.exists(tmp_path / "runs" / r["key"] / "metrics.jsonl")
+  assert out["sweep"][1]["steps"] == out["sweep"][0]["steps"] // 2  # same tokens, 2x batch
+  table = (tmp_path / "large_batch.md").read_text()
+  assert "| 16 |" in table and "LAMB" in table
+  assert (tmp_path / "large_batch.png").stat().st_size > 1000
+  records = json.loads((tmp_path / "results.json").read_text())
+  assert len(records) == 3
+
+  # A second invocation finds every run in results.json and trains nothing.
+  logs = []
+  again = lbs.run(study, str(tmp_path), log=logs.append)
+  assert logs == [] and again["sweep"] == out["sweep"]

@@ -1,0 +1,165 @@
+"""train/vectorized.py: K learning rates in one vmapped program train exactly like K
+sequential trainer runs (same losses, rtol 1e-4), also with the trial axis sharded over
+devices, diverge one by one, and resume from their checkpoints."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from sweep import runner as sweep_lib
+from train import tasks as tasks_lib
+from train import trainer
+from train import vectorized
+from configs import sweep as sweep_configs
+from sharding import mesh as mesh_lib
+
+LRS = (3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def _sweep_config():
+  c = sweep_configs.get_config("test")
+  c.num_evals = 3
+  return c
+
+
+POINT = sweep_lib.Point(d_model=16, num_layers=1, tokens=4096, batch_size=8, lr=1.0)
+
+
+def _configs(config, lrs, point=POINT):
+  out = []
+  for lr in lrs:
+    c = sweep_lib.trial_config(config, dataclasses.replace(point, lr=lr), device_peak_flops=1e9)
+    c.log_every = 1
+    out.append(c)
+  return out
+
+
+def _setup(config, mesh, point=POINT):
+  return trainer.setup(sweep_lib.trial_config(config, point), mesh=mesh)
+
+
+def _losses(workdir):
+  rows = sweep_lib.read_metrics(workdir)
+  return (np.array([rows[s]["loss"] for s in sorted(rows)]),
+          {s: rows[s]["eval_loss"] for s in sorted(rows) if "eval_loss" in rows[s]})
+
+
+@pytest.fixture(scope="module")
+def setup1():
+  """One Setup on one device, shared by the tests so each program compiles once."""
+  config = _sweep_config()
+  return _setup(config, mesh_lib.make_mesh(config.base.mesh, devices=jax.devices()[:1]))
+
+
+@pytest.fixture(scope="module")
+def sequential(setup1, tmp_path_factory):
+  """The reference: each learning rate as its own trainer.train run."""
+  out = []
+  for c in _configs(_sweep_config(), LRS):
+    d = str(tmp_path_factory.mktemp("seq"))
+    trainer.train(c, d, setup_=dataclasses.replace(setup1, config=c,
+                                                   task=tasks_lib.make_task(c)))
+    out.append(_losses(d))
+  return out
+
+
+def _check_same(outs, dirs, sequential, lrs=LRS):
+  for out, d, (seq_loss, seq_eval), lr in zip(outs, dirs, sequential, lrs):
+    assert out["status"] == "done", (lr, out)
+    loss, evals = _losses(d)
+    assert len(loss) == len(seq_loss) == 16
+    np.testing.assert_allclose(loss, seq_loss, rtol=1e-4, err_msg=f"lr={lr}")
+    assert len(seq_eval) >= 3 and set(seq_eval) <= set(evals)  # (+ the end of a first half)
+    np.testing.assert_allclose([evals[k] for k in seq_eval], list(seq_eval.values()), rtol=1e-4)
+    assert out["eval_loss"] == pytest.approx(seq_eval[16], rel=1e-4)
+
+
+def test_vectorized_matches_sequential(setup1, sequential, tmp_path):
+  dirs = [str(tmp_path / str(i)) for i in range(len(LRS))]
+  outs = vectorized.train_trials(setup1, _configs(_sweep_config(), LRS), dirs)
+  _check_same(outs, dirs, sequential)
+  assert len({round(o["eval_loss"], 6) for o in outs}) == len(LRS)  # the lrs do differ
+  # Each trial's workdir is a trainer workdir: trainer.train sees it finished.
+  c = _configs(_sweep_config(), LRS)[0]
+  again = trainer.train(c, dirs[0], setup_=dataclasses.replace(setup1, config=c))
+  assert again["step"] == 16
+
+
+def test_trial_axis_sharded_over_devices(sequential, tmp_path):
+  """4 trials over 4 groups of 2 devices (data parallel inside each): the same losses; 3
+  trials are padded to the 4 shards."""
+  config = _sweep_config()
+  assert jax.device_count() == 8
+  mesh = vectorized.trial_mesh(config.base.mesh, trial_shards=4)
+  assert dict(mesh.shape) == {"trials": 4, "data": 2, "fsdp": 1, "tensor": 1, "sequence": 1}
+  s = _setup(config, mesh)
+  assert vectorized.num_trial_shards(s) == 4
+  dirs = [str(tmp_path / str(i)) for i in range(3)]
+  outs = vectorized.train_trials(s, _configs(config, LRS[:3]), dirs)
+  assert len(outs) == 3
+  _check_same(outs, dirs, sequential[:3], LRS[:3])
+
+
+def test_diverged_trial_stops_alone(setup1, sequential, tmp_path):
+  lrs = (LRS[0], 1e6, LRS[1], LRS[2])
+  dirs = [str(tmp_path / str(i)) for i in range(4)]
+  outs = vectorized.train_trials(setup1, _configs(_sweep_config(), lrs), dirs)
+  assert [o["status"] for o in outs] == ["done", "diverged", "done", "done"]
+  assert outs[1]["step"] < 16 and "at step" in outs[1]["error"]
+  result = sweep_lib.trial_result(dirs[1], "diverged", outs[1]["error"])
+  assert result["status"] == "diverged" and np.isfinite(result["loss"])  # last finite loss
+  keep = [0, 2, 3]
+  _check_same([outs[i] for i in keep], [dirs[i] for i in keep], sequential[:3], LRS[:3])
+
+
+def test_resume_from_checkpoints(setup1, sequential, tmp_path):
+  """Stopped at step 8 (as if killed after the checkpoint), then resumed: the same losses."""
+  config = _sweep_config()
+  dirs = [str(tmp_path / str(i)) for i in range(4)]
+  first = _configs(config, LRS)
+  for c in first:
+    c.num_steps = 8  # the Setup's schedule still spans 16 steps: the first half of the run
+  outs = vectorized.train_trials(setup1, first, dirs)
+  assert [o["step"] for o in outs] == [8] * 4
+  outs = vectorized.train_trials(setup1, _configs(config, LRS), dirs)
+  _check_same(outs, dirs, sequential)
+
+
+def test_layout_choice():
+  # The default never depends on a timing: the same command always trains the same way.
+  assert sweep_lib.choose_layout("auto", "cpu") == "vectorized"
+  assert sweep_lib.choose_layout("auto", "tpu") == "vectorized"
+  assert sweep_lib.choose_layout("auto", "gpu") == "vectorized"
+  assert sweep_lib.choose_layout("sequential", "tpu") == "sequential"
+  with pytest.raises(ValueError, match="trial_shards"):
+    vectorized.trial_mesh(_sweep_config().base.mesh, trial_shards=3)
+
+
+def test_sweep_driver_measures_the_layout(sequential, tmp_path):
+  """run_sweep with layout='measure' claims a cell's learning rates as one group, times both
+  layouts on it, keeps the faster in the store for every later worker, and trains (on all 8
+  devices, data parallel) to the same losses as trainer.train."""
+  config = _sweep_config()
+  config.grid.models = ((16, 1),)
+  config.grid.tokens = (4096,)
+  config.grid.learning_rates = LRS + (1e6,)
+  out = sweep_lib.run_sweep(config, str(tmp_path), layout="measure", fit=False)
+  assert out["progress"] == {"points": 5, "done": 5, "failed": 0, "pending": 0, "running": 0}
+  store = sweep_lib.open_store(config, str(tmp_path))
+  chosen = store.study.user_attrs["layout"]
+  assert chosen in ("sequential", "vectorized")
+  assert sweep_lib.Runner(config, str(tmp_path), "measure", store).layout == chosen
+  starts = [t.datetime_start for t in store.trials()]
+  assert len(starts) == 5
+  if chosen == "vectorized":
+    assert (max(starts) - min(starts)).total_seconds() < 2  # one claim, one program
+  rows = {r["lr"]: r for r in store.rows()}
+  assert rows[1e6]["status"] == "diverged"
+  for lr, (seq_loss, seq_eval) in zip(LRS, sequential):
+    row = rows[lr]
+    assert row["status"] == "ok" and row["loss"] == pytest.approx(seq_eval[16], rel=1e-4)
+    assert row["curve"]["steps"] == list(seq_eval)
+    metrics = sweep_lib.read_metrics(str(tmp_path / "trials" / str(row["trial"])))
+    for step, m in metrics.items():
+      assert m["loss"] == pytest.approx(seq_loss[step - 1], rel=1e-4), (lr, step)
