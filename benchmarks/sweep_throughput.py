@@ -25,7 +25,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from sweep import runner as sweep_lib
+from sweep import grid
 from train import tasks as tasks_lib
 from train import trainer
 from train import vectorized
@@ -52,14 +52,14 @@ def _run_vectorized(s, configs, root):
 def main(argv):
   del argv
   config = sweep_configs.get_config(_VARIANT.value)
-  point = sweep_lib.Point(_D_MODEL.value, _LAYERS.value, _TOKENS.value, _BATCH.value, 1.0)
+  point = grid.Point(_D_MODEL.value, _LAYERS.value, _TOKENS.value, _BATCH.value, 1.0)
   lrs = np.geomspace(1e-3, 1e-1, _K.value)
-  s = trainer.setup(sweep_lib.trial_config(config, point))
-  configs = [sweep_lib.trial_config(config, dataclasses.replace(point, lr=float(lr)),
+  s = trainer.setup(grid.trial_config(config, point))
+  configs = [grid.trial_config(config, dataclasses.replace(point, lr=float(lr)),
                                     device_peak_flops=1e9) for lr in lrs]
   for c in configs:
     c.log_every = c.num_steps  # as few host round trips as a sweep makes
-  n = sweep_lib.num_params(config, point)
+  n = grid.num_params(config, point)
   steps = configs[0].num_steps
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
         f"; cell N={n:,} D={point.tokens:,} B={point.batch_size} ({steps} steps), "

@@ -73,13 +73,14 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import optuna
   from laws import csv_import
-  from sweep import runner as sweep_lib
+  from sweep import runner
+  from sweep import store as store_lib
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
   workdir = _WORKDIR.value
   sweep_config = None
-  if os.path.exists(os.path.join(workdir, sweep_lib.CONFIG_FILE)):
-    sweep_config = sweep_lib.load_config(workdir)
+  if os.path.exists(os.path.join(workdir, runner.CONFIG_FILE)):
+    sweep_config = runner.load_config(workdir)
   config = _CONFIG.value or sweep_config
   data_config = config.base.data if config is not None and "base" in config else None
   if _CSV.value:
@@ -91,8 +92,8 @@ def main(argv):
     data_config = None  # someone else's corpus
   else:
     if sweep_config is None:
-      sweep_lib.load_config(workdir)  # raises: not a sweep's workdir
-    store = sweep_lib.open_store(sweep_config, workdir, _STORAGE.value)
+      runner.load_config(workdir)  # raises: not a sweep's workdir
+    store = store_lib.open_store(sweep_config, workdir, _STORAGE.value)
     rows = store.rows()
     p = store.progress()
     if p["pending"]:
@@ -105,8 +106,8 @@ def main(argv):
     raise ValueError(f"--workdir={workdir}: no finished trials to fit.")
   cli.check_workdir(workdir)
   out_dir = _OUT.value or os.path.join(workdir, "report")
-  fitted = sweep_lib.fit_and_report(rows, config.fit if config is not None else None, out_dir,
-                                    data_config=data_config)
+  fitted = runner.fit_and_report(rows, config.fit if config is not None else None, out_dir,
+                                 data_config=data_config)
   for family, laws in fitted.items():
     c = laws["counts"]
     fits = [k for k in ("step_law", "chinchilla", "critical_batch", "power_scheduler")

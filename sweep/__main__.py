@@ -53,14 +53,15 @@ def main(argv):
                      "worker per host on a shared --storage, not one multi-host program.")
   # pylint: disable=g-import-not-at-top  (absl parses flags first; JAX loads after)
   import optuna
-  from sweep import runner as sweep_lib
+  from sweep import grid
+  from sweep import runner
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
   config = _CONFIG.value
-  sweep_lib.validate(config)
-  sweep_lib.enable_compilation_cache(config, _WORKDIR.value)
-  out = sweep_lib.run_sweep(config, _WORKDIR.value, storage=_STORAGE.value,
-                            layout=_LAYOUT.value, fit=_FIT.value, max_trials=_MAX_TRIALS.value)
+  grid.validate(config)
+  runner.enable_compilation_cache(config, _WORKDIR.value)
+  out = runner.run_sweep(config, _WORKDIR.value, storage=_STORAGE.value,
+                         layout=_LAYOUT.value, fit=_FIT.value, max_trials=_MAX_TRIALS.value)
   p = out["progress"]
   logging.info("sweep: %d points, %d done, %d failed, %d pending", p["points"], p["done"],
                p["failed"], p["pending"])

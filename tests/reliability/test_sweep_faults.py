@@ -19,7 +19,9 @@ import time
 import optuna
 import pytest
 
-from sweep import runner as sweep_lib
+from sweep import grid
+from sweep import runner
+from sweep import store as store_lib
 from train import trainer
 from configs import sweep as sweep_configs
 from tests import testlib
@@ -49,7 +51,7 @@ def _args(workdir, cache):
 
 
 def _store(workdir):
-  return sweep_lib.open_store(_config(), str(workdir))
+  return store_lib.open_store(_config(), str(workdir))
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +84,8 @@ def _running_trial_step(store, workdir) -> int:
 def test_driver_killed_three_times_at_random_points(uninterrupted, sweep_cache, tmp_path):
   rng = random.Random(rel.seed())
   workdir = tmp_path
-  n = len(sweep_lib.grid_points(_config()))
-  steps = sweep_lib.num_steps(_config(), sweep_lib.grid_points(_config())[0])
+  n = len(grid.grid_points(_config()))
+  steps = grid.num_steps(_config(), grid.grid_points(_config())[0])
   # Each kill comes once `done` trials are finished, then either inside a running trial once
   # it logged a random step, or after a random delay: between trials or (done == n) while the
   # laws are fitted and the report is written.
@@ -156,10 +158,10 @@ def test_driver_killed_three_times_at_random_points(uninterrupted, sweep_cache, 
 
 _CLAIMER = r"""
 import json, sys, time
-from sweep import runner as sweep_lib
+from sweep import store as store_lib
 from configs import sweep as sweep_configs
 config = sweep_configs.get_config("test")
-store = sweep_lib.open_store(config, sys.argv[1])
+store = store_lib.open_store(config, sys.argv[1])
 with open(sys.argv[2], "a", buffering=1) as log:
   print("ready", flush=True)
   sys.stdin.readline()  # every claimer starts at once
@@ -177,8 +179,8 @@ with open(sys.argv[2], "a", buffering=1) as log:
 
 def test_racing_workers_never_run_a_trial_twice(tmp_path):
   config = sweep_configs.get_config("test")
-  points = sweep_lib.grid_points(config)
-  store = sweep_lib.open_store(config, str(tmp_path))
+  points = grid.grid_points(config)
+  store = store_lib.open_store(config, str(tmp_path))
   store.enqueue(points, {p.key: {"N": 1, "seq_len": 32} for p in points})
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -243,11 +245,11 @@ def test_failing_trials_are_retried_recorded_and_the_sweep_goes_on(tmp_path, mon
     return real_train(cfg, workdir, **kwargs)
 
   monkeypatch.setattr(trainer, "train", flaky_train)
-  out = sweep_lib.run_sweep(config, str(tmp_path), layout="sequential")
+  out = runner.run_sweep(config, str(tmp_path), layout="sequential")
   assert out["progress"]["pending"] == 0 and "report" in out
   assert calls == {0.01: 3, 0.0316: 2, 0.1: 1, 1e30: 1}  # max_retries = 2
 
-  rows = {r["lr"]: r for r in sweep_lib.open_store(config, str(tmp_path)).rows()}
+  rows = {r["lr"]: r for r in store_lib.open_store(config, str(tmp_path)).rows()}
   assert rows[0.01]["status"] == "failed" and rows[0.01]["attempts"] == 3
   assert "RuntimeError: injected fault: this trial always raises" in rows[0.01]["error"]
   assert rows[0.0316]["status"] == "ok" and rows[0.0316]["attempts"] == 2

@@ -1,4 +1,4 @@
-"""sweep/__main__.py and sweep_lib.py: the grid, the Optuna trial store (idempotent
+"""sweep/: the grid, the Optuna trial store (idempotent
 enqueue, claims, retries, dead workers), and whole sweeps through the CLI: two workers on one
 store, a diverging learning rate, and the fit CLI on the stored results. (The vectorised
 layout through the driver: tests/train/test_vectorized.py; the driver SIGKILLed at
@@ -14,7 +14,9 @@ import sys
 import optuna
 import pytest
 
-from sweep import runner as sweep_lib
+from sweep import grid
+from sweep import runner
+from sweep import store as store_lib
 from configs import sweep as sweep_configs
 from tests import testlib
 
@@ -30,7 +32,7 @@ def _config():
 
 
 def _store(workdir):
-  return sweep_lib.open_store(_config(), str(workdir))
+  return store_lib.open_store(_config(), str(workdir))
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +54,17 @@ def _sweep_args(workdir, jax_cache, *extra):
 
 def test_grid_trial_config_and_errors():
   config = _config()
-  points = sweep_lib.grid_points(config)
+  points = grid.grid_points(config)
   assert len(points) == 2 * 3 * 1 * 4 and len({p.key for p in points}) == len(points)
   assert len({p.cell for p in points}) == 6  # compiled steps: lr and seed are runtime
   p = points[5]
-  c = sweep_lib.trial_config(config, p)
+  c = grid.trial_config(config, p)
   assert c.lr_scale == p.lr and c.schedule.peak_lr == 1.0 and c.seed == p.seed
   assert c.num_steps == p.tokens // (p.batch_size * c.seq_len) == c.schedule.total_steps
   assert c.eval_steps[0] == 1 and c.eval_steps[-1] == c.num_steps and len(c.eval_steps) >= 3
   assert c.model.d_model == p.d_model and c.model.num_heads == p.d_model // 8
-  assert sweep_lib.num_params(config, points[0]) < sweep_lib.num_params(config, points[-1])
-  assert sweep_lib.learning_rates(sweep_configs.get_config("tiny").grid) == [
+  assert grid.num_params(config, points[0]) < grid.num_params(config, points[-1])
+  assert grid.learning_rates(sweep_configs.get_config("tiny").grid) == [
       0.01, 0.02, 0.04, 0.08, 0.16]
 
   for field, value, match in (("grid.schedules", ("power",), "grid.schedules"),
@@ -78,7 +80,7 @@ def test_grid_trial_config_and_errors():
         node = node[key]
       node[leaf] = value
     with pytest.raises(ValueError, match=match.replace(".", r"\.")):
-      sweep_lib.validate(bad)
+      grid.validate(bad)
 
 
 def test_cli_config_error_is_one_line(tmp_path):
@@ -92,7 +94,7 @@ def test_cli_config_error_is_one_line(tmp_path):
 def test_store_enqueue_claim_retry_and_dead_worker(tmp_path):
   config = _config()
   store = _store(tmp_path)
-  points = sweep_lib.grid_points(config)[:4]
+  points = grid.grid_points(config)[:4]
   extra = {p.key: {"N": 1, "seq_len": 32} for p in points}
   assert store.enqueue(points[:1], extra) == 1
   assert _store(tmp_path).enqueue(points[:1], extra) == 0  # idempotent, also from elsewhere
@@ -208,7 +210,7 @@ def test_sweep_runs_grid_fits_and_records_divergence(uninterrupted):
 
 def test_refit_from_the_store(uninterrupted, tmp_path):
   """What `python -m laws.fit --workdir=DIR` does (its CSV path: test_predict.py)."""
-  config = sweep_lib.load_config(str(uninterrupted))
+  config = runner.load_config(str(uninterrupted))
   rows = _store(uninterrupted).rows()
-  sweep_lib.fit_and_report(rows, config.fit, str(tmp_path), data_config=config.base.data)
+  runner.fit_and_report(rows, config.fit, str(tmp_path), data_config=config.base.data)
   assert (tmp_path / "laws.json").read_text() == _laws(uninterrupted)

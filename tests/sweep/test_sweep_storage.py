@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from sweep import runner as sweep_lib
+from sweep import runner
+from sweep import store as store_lib
 from configs import sweep as sweep_configs
 from tests import testlib
 
@@ -14,40 +15,40 @@ SECRET_URL = "postgresql://user:s3cret@host/db"
 
 
 def test_masked_url():
-  assert sweep_lib.masked_url(SECRET_URL) == "postgresql://user:***@host/db"
-  assert sweep_lib.masked_url("postgresql://user@host/db") == "postgresql://user@host/db"
-  assert sweep_lib.masked_url("sqlite:////tmp/w/sweep.db") == "sqlite:////tmp/w/sweep.db"
-  assert "s3cret" not in sweep_lib.masked_url("postgresql://user:s3cret@[bad")
+  assert store_lib.masked_url(SECRET_URL) == "postgresql://user:***@host/db"
+  assert store_lib.masked_url("postgresql://user@host/db") == "postgresql://user@host/db"
+  assert store_lib.masked_url("sqlite:////tmp/w/sweep.db") == "sqlite:////tmp/w/sweep.db"
+  assert "s3cret" not in store_lib.masked_url("postgresql://user:s3cret@[bad")
 
 
 def test_save_config_writes_no_password(tmp_path):
   config = sweep_configs.get_config("test")
   config.store.storage = SECRET_URL
-  sweep_lib.save_config(config, str(tmp_path))
-  text = (tmp_path / sweep_lib.CONFIG_FILE).read_text()
+  runner.save_config(config, str(tmp_path))
+  text = (tmp_path / runner.CONFIG_FILE).read_text()
   assert "s3cret" not in text
-  loaded = sweep_lib.load_config(str(tmp_path))
+  loaded = runner.load_config(str(tmp_path))
   assert loaded.store.storage == "postgresql://user@host/db"  # libpq: ~/.pgpass, PGPASSWORD
   assert loaded.grid.to_dict() == json.loads(config.grid.to_json_best_effort())
 
 
 def test_sweep_log_line_masks_password():
-  line = sweep_lib.sweep_line(SECRET_URL, {"points": 4, "done": 1, "failed": 0}, 3)
+  line = runner.sweep_line(SECRET_URL, {"points": 4, "done": 1, "failed": 0}, 3)
   assert "s3cret" not in line and "postgresql://user:***@host/db" in line
   assert line.endswith("4 points (3 new), 1 done, 0 failed")
 
 
 def test_storage_url_from_env(tmp_path, monkeypatch):
   config = sweep_configs.get_config("test")
-  monkeypatch.delenv(sweep_lib.STORAGE_ENV, raising=False)
-  assert sweep_lib.storage_url(config, str(tmp_path)).endswith("sweep.db")
-  monkeypatch.setenv(sweep_lib.STORAGE_ENV, SECRET_URL)
-  assert sweep_lib.storage_url(config, str(tmp_path)) == SECRET_URL
+  monkeypatch.delenv(store_lib.STORAGE_ENV, raising=False)
+  assert store_lib.storage_url(config, str(tmp_path)).endswith("sweep.db")
+  monkeypatch.setenv(store_lib.STORAGE_ENV, SECRET_URL)
+  assert store_lib.storage_url(config, str(tmp_path)) == SECRET_URL
   # The saved (password-less) URL takes its password from the variable naming the same DB.
   config.store.storage = "postgresql://user@host/db"
-  assert sweep_lib.storage_url(config, str(tmp_path)) == SECRET_URL
+  assert store_lib.storage_url(config, str(tmp_path)) == SECRET_URL
   config.store.storage = "postgresql://other@host/db2"
-  assert sweep_lib.storage_url(config, str(tmp_path)) == "postgresql://other@host/db2"
+  assert store_lib.storage_url(config, str(tmp_path)) == "postgresql://other@host/db2"
 
 
 # ----------------------------------------------------------------------------------------
@@ -61,20 +62,20 @@ def _corrupt_workdir(tmp_path, how):
   if how == "garbage":
     (workdir / "sweep.db").write_bytes(b"not a database at all\n" * 200)
   else:  # a real store, truncated mid-file
-    store = sweep_lib.open_store(config, str(workdir))
-    sweep_lib.enqueue_grid(config, store)
+    store = store_lib.open_store(config, str(workdir))
+    runner.enqueue_grid(config, store)
     store.storage.remove_session()
     del store
     data = (workdir / "sweep.db").read_bytes()
     (workdir / "sweep.db").write_bytes(data[:len(data) // 3])
-  sweep_lib.save_config(config, str(workdir))
+  runner.save_config(config, str(workdir))
   return str(workdir)
 
 
 def test_open_store_corrupt_is_one_line(tmp_path):
   workdir = _corrupt_workdir(tmp_path, "truncated")
-  with pytest.raises(sweep_lib.StoreError, match=r"sweep.db is not a readable SQLite"):
-    sweep_lib.open_store(sweep_configs.get_config("test"), workdir)
+  with pytest.raises(store_lib.StoreError, match=r"sweep.db is not a readable SQLite"):
+    store_lib.open_store(sweep_configs.get_config("test"), workdir)
 
 
 @pytest.mark.parametrize("how", ["garbage", "truncated"])
