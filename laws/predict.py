@@ -57,15 +57,15 @@ def sweep_seq_len(workdir: str) -> int | None:
 
 def prediction(laws: dict, N: float, D: float, *, seq_len: int | None = None,
                level: float = 0.95) -> dict:
-  """laws.fits.predict plus what it means for a run: batch size in sequences, the
+  """laws.estimate.predict plus what it means for a run: batch size in sequences, the
   steps, the trainer overrides, and the fitted ranges N and D fall outside of."""
-  from laws import fits as laws_lib  # pylint: disable=g-import-not-at-top
+  from laws import estimate  # pylint: disable=g-import-not-at-top
   if not (N > 0 and D > 0):
     raise ValueError(f"--params={N} and --tokens={D} must be positive.")
   for law, why in sorted((laws.get("undetermined") or {}).items()):
     if law in ("chinchilla", "step_law"):
       raise ValueError(f"{law}: not determined by this grid ({why}); no prediction.")
-  est = laws_lib.predict(laws, N, D, level=level)
+  est = estimate.predict(laws, N, D, level=level)
   if "lr" not in est and "loss" not in est:
     raise ValueError("the laws hold neither a Step Law nor L(N, D) fit; see the report's "
                      "notes for why.")

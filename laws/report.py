@@ -22,8 +22,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from train import files
-from laws import fits as laws_lib
+from laws import chinchilla
+from laws import critical_batch
+from laws import lr_optimum
+from laws import power_scheduler
 from laws import report_plots
+from laws import serialize
+from laws import step_law
 
 DEFAULTS = dict(
     seed=0,
@@ -113,37 +118,12 @@ def fit_all(results: Sequence[Mapping[str, Any]], config: Mapping | None = None)
       notes.append(f'{name} not fitted: {e}')
 
   # Optimal learning rate per (N, D, B) cell.
-  cells = {}
-  for i, r in enumerate(rows):
-    key = (col['N'][i], col['D'][i], col['B'][i])
-    if math.isfinite(col['lr'][i]) and all(map(math.isfinite, key)):
-      cells.setdefault(key, []).append(i)
-  optima, excluded = [], []
-  for key in sorted(cells):
-    idx, dropped = _drop_diverged(cells[key], col['loss'], cfg['divergence_ratio'])
-    excluded += [dict(zip('NDB', key), lr=float(col['lr'][i]), loss=float(col['loss'][i]))
-                 for i in dropped]
-    if len(idx) >= 2:
-      optima.append(laws_lib.optimal_lr(col['lr'][idx], col['loss'][idx],
-                                        bandwidth=cfg['lr_bandwidth'], tol=cfg['tol'],
-                                        cell=dict(zip('NDB', key))))
-  if excluded:
-    laws['diverged_runs'] = excluded
-    notes.append(f'{len(excluded)} runs left the learning-rate optimum fits: their loss is '
-                 f'above {cfg["divergence_ratio"]:g} x their cell\'s best (diverged runs '
-                 'table; fit.divergence_ratio).')
-  if optima:
-    laws['lr_optima'] = optima
-    edges = sum(o.edge != '' for o in optima)
-    if edges:
-      notes.append(f'{edges} of {len(optima)} cells have their best learning rate at the '
-                   'edge of the grid (edge column); widen the grid there.')
-
+  _fit_lr_optima(rows, col, cfg, laws)
   # Step Law on the raw rows.
   seq = np.array([_f(r, 'seq_len') if 'seq_len' in r else float(cfg['seq_len'] or 1)
                   for r in rows])
   in_tokens = cfg['seq_len'] is not None or any('seq_len' in r for r in rows)
-  attempt('step_law', lambda: laws_lib.fit_step_law(
+  attempt('step_law', lambda: step_law.fit_step_law(
       col['N'], col['D'], col['B'] * seq, col['lr'], col['loss'], tol=cfg['tol'],
       n_boot=cfg['n_boot'], seed=seed, level=level,
       batch_unit='tokens' if in_tokens else 'rows B unit'))
@@ -158,12 +138,42 @@ def fit_all(results: Sequence[Mapping[str, Any]], config: Mapping | None = None)
   # Power scheduler from the interior optima: lr_opt / B = a D^b.
   inner = [o for o in laws.get('lr_optima', []) if o.edge == '']
   if len(inner) >= 3 and len({o.cell['D'] for o in inner}) >= 2:
-    attempt('power_scheduler', lambda: laws_lib.fit_power_scheduler(
+    attempt('power_scheduler', lambda: power_scheduler.fit_power_scheduler(
         [o.cell['B'] for o in inner], [o.cell['D'] for o in inner],
         [o.params['lr'] for o in inner], n_boot=cfg['n_boot'], seed=seed, level=level))
-  elif optima:
+  elif 'lr_optima' in laws:
     notes.append('power_scheduler not fitted: needs interior optima at two or more D')
   return laws
+
+
+def _fit_lr_optima(rows, col, cfg, laws):
+  """`optimal_lr` of each (N, D, B) cell with two or more runs left once the runs that
+  diverged to a finite loss are dropped; sets lr_optima and diverged_runs, adds notes."""
+  cells = {}
+  for i, r in enumerate(rows):
+    key = (col['N'][i], col['D'][i], col['B'][i])
+    if math.isfinite(col['lr'][i]) and all(map(math.isfinite, key)):
+      cells.setdefault(key, []).append(i)
+  optima, excluded = [], []
+  for key in sorted(cells):
+    idx, dropped = _drop_diverged(cells[key], col['loss'], cfg['divergence_ratio'])
+    excluded += [dict(zip('NDB', key), lr=float(col['lr'][i]), loss=float(col['loss'][i]))
+                 for i in dropped]
+    if len(idx) >= 2:
+      optima.append(lr_optimum.optimal_lr(col['lr'][idx], col['loss'][idx],
+                                          bandwidth=cfg['lr_bandwidth'], tol=cfg['tol'],
+                                          cell=dict(zip('NDB', key))))
+  if excluded:
+    laws['diverged_runs'] = excluded
+    laws['notes'].append(f'{len(excluded)} runs left the learning-rate optimum fits: their '
+                         f'loss is above {cfg["divergence_ratio"]:g} x their cell\'s best '
+                         '(diverged runs table; fit.divergence_ratio).')
+  if optima:
+    laws['lr_optima'] = optima
+    edges = sum(o.edge != '' for o in optima)
+    if edges:
+      laws['notes'].append(f'{edges} of {len(optima)} cells have their best learning rate '
+                           'at the edge of the grid (edge column); widen the grid there.')
 
 
 def _fit_l_of_n_d(col, cfg, laws, attempt):
@@ -176,13 +186,13 @@ def _fit_l_of_n_d(col, cfg, laws, attempt):
     nd = np.array(sorted(best))
     loss = np.array([best[tuple(k)] for k in nd])
     distinct = len(np.unique(nd[:, 0])), len(np.unique(nd[:, 1]))
-    reason = laws_lib.chinchilla_undetermined(None, *distinct)
+    reason = chinchilla.chinchilla_undetermined(None, *distinct)
     if not reason:
-      attempt('chinchilla', lambda: laws_lib.fit_chinchilla(
+      attempt('chinchilla', lambda: chinchilla.fit_chinchilla(
           nd[:, 0], nd[:, 1], loss, grid=cfg['chinchilla_grid'],
           n_boot=cfg['chinchilla_n_boot'], seed=cfg['seed'], level=cfg['level']))
       if 'chinchilla' in laws:
-        reason = laws_lib.chinchilla_undetermined(laws['chinchilla'], *distinct)
+        reason = chinchilla.chinchilla_undetermined(laws['chinchilla'], *distinct)
     if reason:
       laws.pop('chinchilla', None)
       laws['undetermined']['chinchilla'] = reason
@@ -207,7 +217,7 @@ def _fit_critical_batches(rows, col, cfg, laws) -> list:
     curves = [_curve(rows[best_run[b]]) for b in bs]
     targets = cfg['loss_targets'] or _auto_targets(curves, cfg['n_targets'])
     try:
-      crit.append(laws_lib.fit_critical_batch_law(
+      crit.append(critical_batch.fit_critical_batch_law(
           bs, curves, targets, n_boot=cfg['critical_batch_n_boot'], seed=cfg['seed'],
           level=cfg['level'], N=n))
     except ValueError as e:
@@ -240,12 +250,12 @@ def _auto_targets(curves, k):
 def read_laws(path: str) -> dict:
   """laws dict back from a laws.json."""
   with open(path) as f:
-    return laws_lib.laws_from_dict(json.load(f))
+    return serialize.laws_from_dict(json.load(f))
 
 
 def laws_json(laws: dict) -> str:
   """laws.json text: sorted keys, NaN as null, each list of numbers on one line."""
-  text = json.dumps(laws_lib.laws_to_dict(laws), sort_keys=True, indent=1, allow_nan=False)
+  text = json.dumps(serialize.laws_to_dict(laws), sort_keys=True, indent=1, allow_nan=False)
   one_line = lambda m: '[' + ', '.join(v.strip() for v in m[1].split(',') if v.strip()) + ']'
   return re.sub(r'\[([^\[\]{}"]*)\]', one_line, text) + '\n'
 

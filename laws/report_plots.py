@@ -9,8 +9,9 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from laws import fits as laws_lib
+from laws import critical_batch as critical_batch_lib  # step_law, critical_batch: plots here
 from laws import report  # its row and number helpers; called only at plot time
+from laws import step_law as step_law_lib
 
 # ----------------------------------------------------------------------------------------
 # Plots (matplotlib Figure objects, no pyplot state; Agg renders them).
@@ -72,7 +73,7 @@ def step_law(results, laws):
   N, D, B, lr, loss = (np.array([report._f(r, k) for r in rows])
                         for k in ("N", "D", "B", "lr", "loss"))
   B = B * np.array([report._f(r, 'seq_len') if 'seq_len' in r else seq_default for r in rows])
-  keep = np.isfinite(N + D + B + lr) & laws_lib.step_law_keep(N, D, loss, step.tol)
+  keep = np.isfinite(N + D + B + lr) & step_law_lib.step_law_keep(N, D, loss, step.tol)
   fig = Figure(figsize=(10, 4), layout='constrained')
   ax_lr, ax_b = fig.subplots(1, 2)
   d_grid = np.geomspace(D[keep].min() / 1.5, D[keep].max() * 1.5, 60)
@@ -139,7 +140,7 @@ def critical_batch(results, laws):
       B, S = np.array(f.batch_sizes), np.array(f.steps)
       ax_se.plot(B * S, S, 'o', color=color, ms=4, label=f'L={f.target:.4g}')
       b = np.geomspace(B.min() / 4, B.max() * 4, 100)
-      s = laws_lib.critical_batch_steps(b, f.params['S_min'], f.params['B_crit'])
+      s = critical_batch_lib.critical_batch_steps(b, f.params['S_min'], f.params['B_crit'])
       ax_se.plot(b * s, s, '-', color=color, lw=1)
     ax_se.set(xscale='log', yscale='log', xlabel='examples E = B·S', ylabel='steps S',
               title=f'N={report._g(law.N, ".3g")}: (S/S_min − 1)(E/E_min − 1) = 1')

@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from laws import fits as laws_lib
+from laws import chinchilla
+from laws import estimate
 from laws import predict
 from laws import report
 from tests import testlib
@@ -39,7 +40,7 @@ def test_prediction_follows_the_laws(sweep_dir):
   workdir, fitted = sweep_dir
   laws = report.read_laws(predict.laws_path(str(workdir)))
   p = predict.prediction(laws, N, D, seq_len=SEQ_LEN)
-  est = laws_lib.predict(fitted, N, D)
+  est = estimate.predict(fitted, N, D)
   assert p["estimates"]["lr"] == est["lr"] and p["estimates"]["loss"] == est["loss"]
   assert p["batch_sequences"] == round(est["batch_size"].value / SEQ_LEN)
   assert p["steps"] == round(D / (p["batch_sequences"] * SEQ_LEN))
@@ -54,7 +55,7 @@ def test_predict_cli_prints_estimates_intervals_and_overrides(sweep_dir):
   workdir, fitted = sweep_dir
   out = testlib.run_cli("laws.predict", f"--workdir={workdir}", f"--params={N}",
                         f"--tokens={D}", check=True).stdout
-  est = laws_lib.predict(fitted, N, D)
+  est = estimate.predict(fitted, N, D)
   lr, lr_lo, lr_hi = _number(r"η\* = ([-\d.e+]+)  \[([-\d.e+]+), ([-\d.e+]+)\]", out)
   assert lr == pytest.approx(est["lr"].value, rel=1e-3) and lr_lo < lr < lr_hi
   assert (lr_lo, lr_hi) == pytest.approx((est["lr"].lo, est["lr"].hi), rel=1e-3)
@@ -107,7 +108,7 @@ def test_fit_cli_on_the_chinchilla_csv_then_predict(tmp_path):
 
 def _chinchilla_rows(Ns, Ds, noise=0.0, seed=0):
   rng = np.random.default_rng(seed)
-  return [dict(N=n, D=d, B=8, lr=0.01, loss=float(laws_lib.chinchilla_loss(
+  return [dict(N=n, D=d, B=8, lr=0.01, loss=float(chinchilla.chinchilla_loss(
       n, d, 1.5, 400.0, 1200.0, 0.3, 0.3) * (1 + noise * rng.normal()))) for n in Ns for d in Ds]
 
 

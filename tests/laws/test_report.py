@@ -7,8 +7,11 @@ import os
 import numpy as np
 import pytest
 
+from laws import chinchilla
+from laws import critical_batch
 from laws import csv_import, report
-from laws import fits as laws
+from laws import estimate
+from laws import serialize
 
 TESTDATA = os.path.join(os.path.dirname(__file__), '..', 'testdata')
 FAST = dict(n_boot=100, chinchilla_n_boot=10, critical_batch_n_boot=30,
@@ -19,7 +22,7 @@ SEQ_LEN = 128
 def curve(B, final_step, rng):
   """Loss curve where reaching loss L at batch B takes S_min(L) (1 + B_crit(L)/B) steps."""
   L = np.linspace(8.0, 2.3, 500)
-  steps_l = laws.critical_batch_steps(B, 20 * (L - 2.2) ** -1.3, 3e3 / L ** 4)
+  steps_l = critical_batch.critical_batch_steps(B, 20 * (L - 2.2) ** -1.3, 3e3 / L ** 4)
   steps = np.unique(np.geomspace(1, final_step, 30).round())
   losses = np.interp(np.log(steps), np.log(steps_l), L, left=8.0)
   return steps.tolist(), (losses * (1 + 1e-3 * rng.normal(size=len(steps)))).tolist()
@@ -34,7 +37,7 @@ def synthetic_rows(seed=0):
   for N in (1e6, 4e6, 1.6e7):
     for D in (1e8, 4e8, 1.6e9):
       lr_opt, b_opt = 1.79 * N ** -0.713 * D ** 0.307, 0.58 * D ** 0.571
-      loss_opt = laws.chinchilla_loss(N, D, 1.8, 480.0, 2100.0, 0.35, 0.37)
+      loss_opt = chinchilla.chinchilla_loss(N, D, 1.8, 480.0, 2100.0, 0.35, 0.37)
       b_center = 2.0 ** round(np.log2(b_opt / SEQ_LEN))
       for B in b_center * 2.0 ** np.arange(-2, 2):
         for k in range(-3, 4):
@@ -102,8 +105,8 @@ def test_laws_json_round_trips(sweep, tmp_path):
   assert d['chinchilla']['params'].keys() == fitted['chinchilla'].params.keys()
   assert d['chinchilla']['objective'] == fitted['chinchilla'].objective
   assert set(d['chinchilla']['intervals']) == set(fitted['chinchilla'].params)
-  pred = laws.predict(loaded, 1e7, 1e9)
-  assert pred == laws.predict(fitted, 1e7, 1e9)
+  pred = estimate.predict(loaded, 1e7, 1e9)
+  assert pred == estimate.predict(fitted, 1e7, 1e9)
   assert set(pred) == {'lr', 'batch_size', 'loss', 'N_opt', 'D_opt'}
 
 
@@ -124,7 +127,7 @@ def test_write_report_writes_what_it_can(tmp_path):
   only_loss = [dict(N=r['N'], D=r['D'], loss=r['loss'], status=r['status'])
                for r in synthetic_rows()]
   fitted = report.fit_all(only_loss, FAST)
-  assert set(laws.LAW_KEYS) & set(fitted) == {'chinchilla'}
+  assert set(serialize.LAW_KEYS) & set(fitted) == {'chinchilla'}
   assert any(n.startswith('step_law not fitted') for n in fitted['notes'])
   names = {os.path.basename(p) for p in report.write_report(only_loss, fitted, str(tmp_path / 'b'))}
   assert names == {'laws.json', 'report.md', 'chinchilla.png'}
@@ -191,7 +194,7 @@ def test_degenerate_critical_batch_is_not_determined():
   losses = 3.0 / np.sqrt(steps)  # the same curve at every batch size
   curves = [(steps, losses)] * 3
   with pytest.raises(ValueError, match='not determined by this grid'):
-    laws.fit_critical_batch_law([8, 16, 32], curves, [1.0, 0.8, 0.6], n_boot=20)
+    critical_batch.fit_critical_batch_law([8, 16, 32], curves, [1.0, 0.8, 0.6], n_boot=20)
   rows = [dict(N=1e4, D=1e6, B=b, lr=0.01, loss=float(losses[-1]),
                curve={'steps': steps.tolist(), 'losses': losses.tolist()}) for b in (8, 16, 32)]
   out = report.fit_all(rows, {'n_boot': 10, 'critical_batch_n_boot': 20})
