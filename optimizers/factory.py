@@ -62,7 +62,7 @@ def default_schedule_config() -> ml_collections.ConfigDict:
   c.poly_power = 1.0  # warmup_poly
   c.phase_start = 0  # warmup_poly: step at which a re-warmed phase starts
   # power: min(lr_max, batch_size * a * tokens^b), Shen et al. Eq. 7, batch size in sequences.
-  # Same keys as laws.fits.PowerSchedulerFit.schedule_config().
+  # Same keys as laws.power_scheduler.PowerSchedulerFit.schedule_config().
   c.a = 4.0
   c.b = -0.51
   c.lr_max = 0.02
