@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from batch_size.config import default_batch_size_config
 from configs import common
 from configs.lm import model_config
 from data import default_data_config
-from optimizers.batch_size import default_batch_size_config
 from optimizers.factory import default_optimizer_config, default_schedule_config
 
 _BIG_DATA = dict(name="tfds:wikipedia/20230601.en", tokenizer="sentencepiece",

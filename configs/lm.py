@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from batch_size.config import default_batch_size_config
 from configs import common
 from data import default_data_config
-from optimizers.batch_size import default_batch_size_config
 from optimizers.factory import default_optimizer_config, default_schedule_config
 
 

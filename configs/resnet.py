@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from batch_size.config import default_batch_size_config
 from configs import common
 from data.images import default_image_data_config
-from optimizers.batch_size import default_batch_size_config
 from optimizers.factory import default_optimizer_config, default_schedule_config
 
 DIGITS_TRAIN = 1437  # images in digits' train split (data/digits.py)

@@ -29,7 +29,7 @@ from train import metrics as metrics_lib
 from train import tasks as tasks_lib
 from models import flops as flops_lib
 from models import mup as mup_lib
-from optimizers import batch_size as bs_lib
+from batch_size import controllers as bs_lib
 from optimizers import factory as opt_factory
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
