@@ -22,7 +22,7 @@ from absl import logging
 import numpy as np
 
 from train import cli
-from laws import fits as laws
+from laws import critical_batch
 from train import trainer
 from configs import lm as lm_config
 
@@ -126,8 +126,8 @@ def write_outputs(table, workdir, target, seq_len):
   fit = None
   if len(fixed) >= 3:
     batches = np.array([int(r["run"].split("_")[1]) for r in fixed], float)
-    fit = laws.fit_critical_batch(batches, np.array([r["steps"] for r in fixed], float),
-                                  target=target, n_boot=200)
+    fit = critical_batch.fit_critical_batch(batches, np.array([r["steps"] for r in fixed], float),
+                                            target=target, n_boot=200)
   lines = [f"Target: EMA({EMA}) of the training loss ≤ {target} nats/token.\n",
            "| run | steps to target | tokens to target | batch at target | final loss | "
            "B_simple (last) |", "|---|---|---|---|---|---|"]
