@@ -37,8 +37,6 @@ gradient_statistics = norm_tests.gradient_statistics
 noise_scale_update = noise_lib.noise_scale_update
 
 
-
-
 class BatchSizeHistory(NamedTuple):
   """Ring buffer of the latest `capacity` batch-size changes; a checkpointable pytree.
 
@@ -84,7 +82,10 @@ class Measurements(NamedTuple):
 
   noise_scale reads sq_norm_small, sq_norm_big, b_small, b_big (see
   `noise_scale.noise_scale_update`); norm_test and augmented_inner_product read grad_stats
-  (`norm_tests.gradient_statistics`).
+  (`norm_tests.gradient_statistics`). `noise`, if given, is this step's already updated
+  noise-scale state (`with_noise_scale`): every controller stores it, and noise_scale reads
+  B_simple from it instead of folding the two-batch norms in again. If None, noise_scale
+  computes it from the norms and the other controllers keep the state's noise.
   """
 
   sq_norm_small: Optional[jax.Array] = None
@@ -92,6 +93,7 @@ class Measurements(NamedTuple):
   b_small: Optional[jax.Array] = None
   b_big: Optional[jax.Array] = None
   grad_stats: Optional[norm_tests.GradientStatistics] = None
+  noise: Optional[noise_lib.NoiseScaleState] = None
 
 
 class ControllerState(NamedTuple):
@@ -117,6 +119,26 @@ class Controller:
   update: Callable[..., tuple[ControllerState, jax.Array]]
   needs_sq_norms: bool  # fill Measurements.sq_norm_small/big, b_small/b_big
   needs_grad_stats: bool  # fill Measurements.grad_stats
+
+
+def with_noise_scale(noise: noise_lib.NoiseScaleState, measurements: Measurements,
+                     decay=0.99) -> tuple[Measurements, jax.Array]:
+  """Folds this step's two-batch norms into `noise`, once (McCandlish et al. 2018, App. A).
+
+  Returns (measurements with `noise` set to the updated state, B_simple); pass the former
+  to `Controller.update`, which then does not recompute the EMAs (see `Measurements`).
+  """
+  noise, b_simple = noise_lib.noise_scale_update(
+      noise, measurements.sq_norm_small, measurements.sq_norm_big, measurements.b_small,
+      measurements.b_big, decay)
+  return measurements._replace(noise=noise), b_simple
+
+
+def _take_noise(state: ControllerState, measurements: Measurements) -> ControllerState:
+  """The state with the step's updated noise state, if the measurements carry one."""
+  if measurements.noise is None:
+    return state
+  return state._replace(noise=measurements.noise)
 
 
 def _require(measurements: Measurements, fields: Sequence[str], name: str) -> None:
@@ -154,8 +176,8 @@ def _fixed(m: _Common) -> Controller:
   """`initial_batch_size` on every step."""
 
   def update(state, measurements, step, tokens):
-    del measurements, step, tokens
-    return state, state.num_microbatches
+    del step, tokens
+    return _take_noise(state, measurements), state.num_microbatches
 
   return Controller("fixed", m.micro, m.initial_state, update, False, False)
 
@@ -178,9 +200,8 @@ def _ramp(m: _Common) -> Controller:
     return m.make_state(int(ramp_mb(0)))
 
   def update(state, measurements, step, tokens):
-    del measurements
     x = tokens if c.ramp.unit == "tokens" else jnp.asarray(step, jnp.int32) + 1
-    return m.finish(state, ramp_mb(x), step)
+    return m.finish(_take_noise(state, measurements), ramp_mb(x), step)
 
   return Controller("ramp", micro, init, update, False, False)
 
@@ -191,10 +212,11 @@ def _noise_scale(m: _Common) -> Controller:
 
   def update(state, measurements, step, tokens):
     del tokens
-    _require(measurements, ("sq_norm_small", "sq_norm_big", "b_small", "b_big"), name)
-    noise, b_simple = noise_lib.noise_scale_update(
-        state.noise, measurements.sq_norm_small, measurements.sq_norm_big,
-        measurements.b_small, measurements.b_big, ns.decay)
+    if measurements.noise is None:  # not measured by the caller: fold the norms in here
+      _require(measurements, ("sq_norm_small", "sq_norm_big", "b_small", "b_big"), name)
+      measurements, _ = with_noise_scale(state.noise, measurements, ns.decay)
+    noise = measurements.noise
+    b_simple = noise_lib.noise_scale_value(noise)
     target_mb = jnp.ceil(jnp.where(jnp.isfinite(b_simple), ns.multiplier * b_simple, 0.0)
                          / micro)
     target_mb = jnp.clip(target_mb, m.min_mb, m.max_mb).astype(jnp.int32)
@@ -222,7 +244,8 @@ def _adaptive(m: _Common) -> Controller:
       required = norm_tests.required_batch_augmented(stats, ad.theta, ad.nu)
     grown = norm_tests.grow_batch(state.num_microbatches, required, micro, m.max_mb)
     act = jnp.asarray(step) % ad.interval == 0
-    return m.finish(state, jnp.where(act, grown, state.num_microbatches), step)
+    new_mb = jnp.where(act, grown, state.num_microbatches)
+    return m.finish(_take_noise(state, measurements), new_mb, step)
 
   return Controller(name, micro, m.initial_state, update, False, True)
 

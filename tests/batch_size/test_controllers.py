@@ -178,6 +178,46 @@ def test_noise_scale_controller_update_interval_and_missing_fields():
     ctrl.update(state, controllers.Measurements(), 4, 0.0)
 
 
+@pytest.mark.parametrize("name", ["noise_scale", "fixed", "ramp", "norm_test"])
+def test_noise_state_from_the_caller_is_stored_not_recomputed(name):
+  # The train step folds the two-batch norms into the EMAs once (with_noise_scale) and hands
+  # the updated state over in Measurements.noise: every controller stores it, and noise_scale
+  # gives the same sizes and state as when it folds the norms in itself.
+  config = _config(controller=name, micro_batch_size=32, initial_batch_size=64,
+                   min_batch_size=64, max_batch_size=4096,
+                   **{"noise_scale.decay": 0.5, "noise_scale.warmup_steps": 2})
+  ctrl = controllers.make_controller(config)
+  decay = config.batch_size.noise_scale.decay
+  _, g_tree = ls.random_per_sample_grads(8, 64)
+  grad_stats = jax.jit(norm_tests.gradient_statistics)(g_tree)
+
+  @jax.jit
+  def measured_here(state, m, step):
+    m, b_simple = controllers.with_noise_scale(state.noise, m, decay)
+    # Only the noise state: recomputing it from the norms would fail on the missing fields.
+    state, k = ctrl.update(state, controllers.Measurements(grad_stats=grad_stats, noise=m.noise),
+                           step, jnp.float32(step * 1e3))
+    return state, k, b_simple
+
+  @jax.jit
+  def recomputed(state, m, step):
+    if name != "noise_scale":  # as the train step did before Measurements.noise
+      state = state._replace(noise=controllers.with_noise_scale(state.noise, m, decay)[0].noise)
+    return ctrl.update(state, m._replace(grad_stats=grad_stats), step, jnp.float32(step * 1e3))
+
+  state_a = state_b = ctrl.init()
+  for step, tr in enumerate([1000.0, 1000.0, 5000.0, 200.0, 20.0]):
+    m = _noise_measurements(tr)
+    state_a, k_a, b_simple = measured_here(state_a, m, jnp.int32(step))
+    state_b, k_b = recomputed(state_b, m, jnp.int32(step))
+    assert int(k_a) == int(k_b), step
+    np.testing.assert_allclose(b_simple, noise_lib.noise_scale_value(state_a.noise), rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+  assert int(state_a.noise.count) == 5
+  if name == "noise_scale":
+    assert int(state_a.num_microbatches) * 32 != 64  # the noise scale did move the batch
+
+
 def test_fixed_controller_and_state_is_checkpointable():
   config = _config(controller="noise_scale", micro_batch_size=16, initial_batch_size=32,
                    **{"noise_scale.warmup_steps": 2})
