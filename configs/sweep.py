@@ -45,6 +45,8 @@ Fields (all overridable: `sweep.py:tiny,layout=vectorized` or `--config.grid.see
   vectorized.*        max_trials per program (0 = a whole cell); trial_shards: groups of
                       devices the trial axis is split over (1 = none, 0 = one per device).
   store.*             Optuna storage ('' = sqlite in the workdir), heartbeat, retries.
+  study               '' (this grid, then the law fits); a study module's sweep config
+                      (e.g. studies/you2020_large_batch/config.py) names its own.
   fit.*               laws/report.py settings (bootstrap sizes, Chinchilla grid, ...).
 """
 from __future__ import annotations
@@ -96,6 +98,27 @@ _VARIANTS = {
 }
 
 
+def add_runtime_fields(c: ml_collections.ConfigDict, study: str = "") -> None:
+  """The fields every sweep config has, a study's too: how its trials run and are stored.
+
+  study: the module that supplies the points and their analysis ('' = this grid and the law
+  fits; see sweep/runner.py).
+  """
+  c.study = study
+  c.layout = "auto"
+  c.vectorized = ml_collections.ConfigDict(dict(max_trials=0, trial_shards=1))
+  c.store = ml_collections.ConfigDict(dict(
+      storage="",  # '' = sqlite:///<workdir>/sweep.db; postgresql://... for many machines
+      study_name="sweep",
+      heartbeat_s=10,  # a running trial's worker writes a heartbeat this often
+      grace_s=60,  # ...and a trial without one for this long is retried
+      max_retries=2,  # re-runs of a trial that raised or whose worker died
+      poll_s=2.0))
+  # Persistent XLA cache: '' = <workdir>/jax_cache (a resumed sweep or a second worker skips
+  # the compiles), 'none' = off, or a directory shared between sweeps.
+  c.compilation_cache_dir = ""
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, overrides = common.parse_arg(arg, "tiny")
   v = common.pick_variant(variant, _VARIANTS, "sweep")
@@ -124,18 +147,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_evals = v["num_evals"]
   c.checkpoints_per_trial = 2  # a killed trial resumes from the last of these
   c.loss_bound = 0.0
-  c.layout = "auto"
-  c.vectorized = ml_collections.ConfigDict(dict(max_trials=0, trial_shards=1))
-  c.store = ml_collections.ConfigDict(dict(
-      storage="",  # '' = sqlite:///<workdir>/sweep.db; postgresql://... for many machines
-      study_name="sweep",
-      heartbeat_s=10,  # a running trial's worker writes a heartbeat this often
-      grace_s=60,  # ...and a trial without one for this long is retried
-      max_retries=2,  # re-runs of a trial that raised or whose worker died
-      poll_s=2.0))
-  # Persistent XLA cache: '' = <workdir>/jax_cache (a resumed sweep or a second worker skips
-  # the compiles), 'none' = off, or a directory shared between sweeps.
-  c.compilation_cache_dir = ""
+  add_runtime_fields(c)
   c.fit = ml_collections.ConfigDict(dict(
       seed=0, level=0.95, tol=0.0025, chinchilla_grid="small", n_targets=5, **v["fit"]))
   c.lock()

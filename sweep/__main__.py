@@ -1,6 +1,9 @@
-r"""A scaling-law sweep: run the grid of trials, then fit the laws and write the report.
+r"""A sweep: run its trials, then analyse them (the scaling-law grid: fit the laws, report).
 
   python -m sweep --config=configs/sweep.py:tiny --workdir=/tmp/sweep
+
+A config that names a study (`config.study`, see sweep/runner.py) runs that study's points
+and writes its analysis to report/ instead.
 
 Writes to the workdir: sweep.db (the Optuna trial store), sweep_config.json, trials/<id>/
 (each trial's trainer workdir: checkpoints, metrics.jsonl with its eval-loss curve),
@@ -53,20 +56,21 @@ def main(argv):
                      "worker per host on a shared --storage, not one multi-host program.")
   # pylint: disable=g-import-not-at-top  (absl parses flags first; JAX loads after)
   import optuna
-  from sweep import grid
   from sweep import runner
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
   config = _CONFIG.value
-  grid.validate(config)
+  runner.points(config)  # config errors before anything compiles
   runner.enable_compilation_cache(config, _WORKDIR.value)
   out = runner.run_sweep(config, _WORKDIR.value, storage=_STORAGE.value,
                          layout=_LAYOUT.value, fit=_FIT.value, max_trials=_MAX_TRIALS.value)
   p = out["progress"]
   logging.info("sweep: %d points, %d done, %d failed, %d pending", p["points"], p["done"],
                p["failed"], p["pending"])
-  if "report" in out:
+  if "laws" in out:
     print(f"report: {out['report']}/report.md")
+  elif "report" in out:
+    print(f"report: {out['report']}/")
 
 
 if __name__ == "__main__":

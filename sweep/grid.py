@@ -1,7 +1,11 @@
 """The scaling-law grid: its points, their trainer configs and N.
 
-  points = validate(config)                 # every point of config.grid, checked
-  cfg = trial_config(config, points[0])     # the trainer config of one trial
+  coords = validate(config)                 # every point of config.grid, checked
+  cfg = trial_config(config, coords[0])     # the trainer config of one trial
+  sweep_points = points(config)             # as sweep points (sweep/point.py)
+
+The sweep's default study: `points` turns the grid into sweep points (overrides of
+config.base, lr as the runtime lr_scale) and the driver fits the laws to their rows.
 """
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ import data as data_lib
 from models import flops as flops_lib
 from models import transformer
 from optimizers import factory as opt_factory
+from sweep import point as point_lib
 
-LAYOUTS = ("auto", "sequential", "vectorized", "measure")
 SCHEDULES = ("cosine", "linear", "wsd", "constant", "warmup_poly")  # the ones with a peak_lr
 PARAMETRIZATIONS = ("standard", "mup")
 
@@ -64,6 +68,9 @@ class Point:
 
   @classmethod
   def from_dict(cls, d: dict) -> "Point":
+    """From to_dict's format, or from the row of the sweep point `points` made of it."""
+    if "row" in d:
+      d = dict(d["row"], tokens=d["row"]["D"], batch_size=d["row"]["B"])
     return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 
@@ -140,14 +147,7 @@ def grid_points(config) -> list[Point]:
 
 def validate(config) -> list[Point]:
   """Checks the sweep config before anything compiles; returns the grid."""
-  if config.layout not in LAYOUTS:
-    raise ValueError(f"config.layout={config.layout!r}: choose from {list(LAYOUTS)}.")
-  s = config.store
-  if s.max_retries < 0:
-    raise ValueError(f"config.store.max_retries={s.max_retries}: must be >= 0.")
-  if not (s.heartbeat_s >= 1 and s.grace_s > s.heartbeat_s):
-    raise ValueError(f"config.store.grace_s={s.grace_s}: must exceed "
-                     f"config.store.heartbeat_s={s.heartbeat_s} (>= 1).")
+  point_lib.check_runtime(config)
   if not 0 <= config.warmup_fraction < 1 or not 0 <= config.decay_fraction <= 1:
     raise ValueError(f"config.warmup_fraction={config.warmup_fraction} / decay_fraction="
                      f"{config.decay_fraction}: fractions in [0, 1).")
@@ -155,9 +155,6 @@ def validate(config) -> list[Point]:
     raise ValueError(f"config.num_evals={config.num_evals}: need >= 2 for a loss curve.")
   if config.checkpoints_per_trial < 1:
     raise ValueError(f"config.checkpoints_per_trial={config.checkpoints_per_trial}: need >= 1.")
-  if config.layout != "sequential" and config.base.batch_size.controller != "fixed":
-    raise ValueError(f"config.base.batch_size.controller={config.base.batch_size.controller!r}"
-                     ": vectorised trials need 'fixed'; set config.layout='sequential'.")
   return grid_points(config)
 
 
@@ -223,3 +220,58 @@ def trial_config(config, point: Point, *, device_peak_flops: float = 0.0):
   with c.unlocked():
     c.eval_steps = tuple(eval_steps(steps, config.num_evals))
   return c
+
+
+# ----------------------------------------------------------------------------------------
+# As sweep points.
+
+
+def overrides(config, point: Point) -> dict:
+  """trial_config's fields (dotted paths) that differ from config.base, but lr and seed."""
+  base = _flat(config.base.copy_and_resolve_references().to_dict())
+  trial = _flat(trial_config(config, point).to_dict())
+  return {k: v for k, v in trial.items()
+          if k not in point_lib.RUNTIME and (k not in base or base[k] != v)}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _row(p: Point, n: int, seq_len: int) -> dict:
+  """The columns of a trial's row (report.fit_all's format)."""
+  return dict(N=n, D=p.tokens, B=p.batch_size, lr=p.lr, seq_len=seq_len, d_model=p.d_model,
+              num_layers=p.num_layers, optimizer=p.optimizer, schedule=p.schedule,
+              parametrization=p.parametrization, seed=p.seed)
+
+
+def _model(p: Point) -> str:
+  return f"d{p.d_model}-l{p.num_layers}-{p.optimizer}-{p.parametrization}"
+
+
+def points(config) -> list[point_lib.Point]:
+  """The grid (validated) as sweep points, keyed and grouped as the grid's own points."""
+  cells: dict[str, tuple] = {}
+  out = []
+  for p in validate(config):
+    if p.cell not in cells:
+      cells[p.cell] = (overrides(config, p), num_params(config, p))
+    over, n = cells[p.cell]
+    out.append(point_lib.Point(p.key, over, lr_scale=p.lr, seed=p.seed, cell=p.cell,
+                               model=_model(p), row=_row(p, n, config.base.seq_len)))
+  return out
+
+
+def legacy_point(d: dict, config=None) -> point_lib.Point:
+  """A point stored in the grid's own format (Point.to_dict with N, seq_len; stores from
+  before sweep points) as a sweep point; its overrides need the config."""
+  p = Point.from_dict(d)
+  over = overrides(config, p) if config is not None else {}
+  return point_lib.Point(p.key, over, lr_scale=p.lr, seed=p.seed, cell=p.cell,
+                         model=_model(p), row=_row(p, d["N"], d["seq_len"]))

@@ -1,15 +1,24 @@
-"""Scaling-law sweeps as a library: the driver (enqueue, workers, fit and report).
+"""Sweeps as a library: the driver (enqueue, workers, analysis).
 
   config = configs.sweep.get_config('tiny')
   summary = run_sweep(config, '/tmp/sweep')    # trains what is left, fits, reports
-  rows = sweep.store.open_store(config, '/tmp/sweep').rows()  # one dict per grid point
+  rows = sweep.store.open_store(config, '/tmp/sweep').rows()  # one dict per point
 
-The grid is `sweep.grid`, the trial store `sweep.store`, running trials `sweep.trials`.
+A sweep trains a list of points (sweep/point.py: trainer-config overrides under a key) and
+analyses their rows. `config.study` names the module that supplies them:
+
+  points(config) -> list[sweep.point.Point]     # checks the config (one-line ValueError)
+  analyse(rows, config, out_dir) -> dict        # once every point is done or failed
+
+Without one ('' or absent) the points are the scaling-law grid (`sweep.grid`) and the
+analysis is the law fits and report (`fit_and_report`). The trial store is `sweep.store`,
+running trials `sweep.trials`.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import json
 import math
 import os
@@ -23,6 +32,7 @@ from absl import logging
 import data as data_lib
 from laws import report as report_lib
 from sweep import grid
+from sweep import point as point_lib
 from sweep import store as store_lib
 from sweep import trials as trials_lib
 from train import files
@@ -59,16 +69,38 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def enqueue_grid(config, store: store_lib.TrialStore) -> int:
-  points = grid.validate(config)
-  extra = {}
-  n_cache = {}
-  for p in points:
-    if p.model not in n_cache:
-      n_cache[p.model] = grid.num_params(config, p)
-    extra[p.key] = {"N": n_cache[p.model], "seq_len": config.base.seq_len,
-                    "steps": grid.num_steps(config, p)}
-  return store.enqueue(points, extra)
+def study(config):
+  """config.study's module (it supplies points and analyse), or None: the scaling-law grid."""
+  name = config.get("study", "")
+  return importlib.import_module(name) if name else None
+
+
+def points(config) -> list[point_lib.Point]:
+  """The sweep's points, checked before anything compiles (grid.points without a study)."""
+  point_lib.check_runtime(config)
+  s = study(config)
+  return s.points(config) if s is not None else grid.points(config)
+
+
+def enqueue(config, store: store_lib.TrialStore) -> int:
+  return store.enqueue(points(config))
+
+
+def analyse(rows: Sequence[dict], config, out_dir: str) -> dict:
+  """The study's analyse(rows, config, out_dir); without a study, the law fits and report."""
+  s = study(config)
+  if s is not None:
+    return s.analyse(rows, config, out_dir)
+  return fit_and_report(rows, config.fit, out_dir, data_config=config.base.data)
+
+
+def _runner_config(config, sweep_points):
+  """config with vectorized.max_trials = the largest group when 0 (a whole cell)."""
+  if config.vectorized.max_trials:
+    return config
+  c = config.copy_and_resolve_references()
+  c.vectorized.max_trials = point_lib.group_size(sweep_points)
+  return c
 
 
 def run_worker(config, workdir: str, store: store_lib.TrialStore, *, layout: str | None = None,
@@ -78,7 +110,7 @@ def run_worker(config, workdir: str, store: store_lib.TrialStore, *, layout: str
   With wait=True an idle worker keeps polling while other workers' trials run, so it picks
   up the retry of one whose worker dies.
   """
-  runner = trials_lib.Runner(config, workdir, layout, store)
+  runner = trials_lib.Runner(_runner_config(config, points(config)), workdir, layout, store)
   total = store.progress()["points"]
   ran, start = 0, time.perf_counter()
   while max_trials is None or ran < max_trials:
@@ -183,23 +215,23 @@ def sweep_line(url: str, progress: dict, added: int) -> str:
 
 def run_sweep(config, workdir: str, *, storage: str | None = None, layout: str | None = None,
               fit: bool = True, max_trials: int | None = None) -> dict[str, Any]:
-  """Enqueues the grid (idempotently), runs trials until the sweep is done, fits, reports.
+  """Enqueues the points (idempotently), runs trials until the sweep is done, analyses.
 
   Safe to run again after any kill, and as several workers at once on one store.
-  Returns {'progress': counts, 'laws': {family: laws} (when fitted), 'report': dir}.
+  Returns {'progress': counts, 'report': dir, and when analysed: 'laws': {family: laws}
+  (the grid) or 'analysis': what the study's analyse returned}.
   """
-  grid.validate(config)
+  points(config)
   os.makedirs(workdir, exist_ok=True)
   save_config(config, workdir)
   store = store_lib.open_store(config, workdir, storage)
-  added = enqueue_grid(config, store)
+  added = enqueue(config, store)
   p = store.progress()
   logging.info(sweep_line(store.url, p, added))
   progress = run_worker(config, workdir, store, layout=layout, max_trials=max_trials)
   out = {"progress": progress}
   if fit and progress["pending"] == 0:
     report_dir = os.path.join(workdir, "report")
-    out["laws"] = fit_and_report(store.rows(), config.fit, report_dir,
-                                 data_config=config.base.data)
+    out["analysis" if study(config) else "laws"] = analyse(store.rows(), config, report_dir)
     out["report"] = report_dir
   return out

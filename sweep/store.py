@@ -26,6 +26,7 @@ import optuna
 from absl import logging
 
 from sweep import grid
+from sweep import point as point_lib
 
 class _Lock:
   """A lock across the threads of this process and, for SQLite, across local processes.
@@ -202,7 +203,8 @@ class TrialStore:
     return counts
 
   def rows(self) -> list[dict]:
-    """One row per finished grid point (report.fit_all's format), sorted by key."""
+    """One row per finished point, sorted by key: key, trial, attempts, the point's row (for
+    the grid, report.fit_all's format), then status, loss, curve, steps, wall_s, layout."""
     rows = []
     for key, chain in sorted(self.chains().items()):
       outcome = self.outcome(chain)
@@ -211,12 +213,8 @@ class TrialStore:
       last = chain[-1]
       if outcome == "done":
         last = next(t for t in chain if t.state == optuna.trial.TrialState.COMPLETE)
-      point = last.user_attrs["point"]
-      row = dict(key=key, trial=self.root(last), attempts=len(chain),
-                 N=point["N"], D=point["tokens"], B=point["batch_size"], lr=point["lr"],
-                 seq_len=point["seq_len"], **{k: point[k] for k in (
-                     "d_model", "num_layers", "optimizer", "schedule", "parametrization",
-                     "seed")})
+      point = read_point(last.user_attrs["point"])
+      row = dict(key=key, trial=self.root(last), attempts=len(chain), **point.row)
       if outcome == "done":
         result = last.user_attrs["result"]
         row.update(status=result["status"], loss=result["loss"], curve=result["curve"],
@@ -232,8 +230,10 @@ class TrialStore:
 
   # -- writing
 
-  def enqueue(self, points: Iterable[grid.Point], extra: dict[str, dict] | None = None) -> int:
-    """Adds a WAITING trial for every point the study lacks; returns how many were added."""
+  def enqueue(self, points: Iterable[point_lib.Point],
+              extra: dict[str, dict] | None = None) -> int:
+    """Adds a WAITING trial for every point the study lacks; returns how many were added.
+    (Anything with a key and to_dict will do: the grid's own points are read back too.)"""
     with self.lock():
       have = {t.user_attrs.get("key") for t in self.trials()}
       added = 0
@@ -254,10 +254,10 @@ class TrialStore:
       chains = self.chains()
       canonical = {t.number for chain in chains.values() for t in chain}
       waiting = sorted(self.trials(waiting_state), key=lambda t: (
-          grid.Point.from_dict(t.user_attrs["point"]).cell not in prefer, t.number))
+          read_point(t.user_attrs["point"]).cell not in prefer, t.number))
       claimed = []
       for t in waiting:
-        point = grid.Point.from_dict(t.user_attrs["point"])
+        point = read_point(t.user_attrs["point"])
         if claimed and (point.group != claimed[0][1].group or len(claimed) >= group):
           continue
         if not self._take(t):
@@ -359,6 +359,14 @@ class TrialStore:
     finally:
       stop.set()
       thread.join()
+
+
+def read_point(stored: dict, config=None) -> point_lib.Point:
+  """A stored point as a sweep point; one in the grid's own format is converted (its
+  overrides need the sweep config)."""
+  if "overrides" in stored:
+    return point_lib.Point.from_dict(stored)
+  return grid.legacy_point(stored, config)
 
 
 def open_store(config, workdir: str, storage: str | None = None) -> TrialStore:

@@ -63,7 +63,7 @@ def _corrupt_workdir(tmp_path, how):
     (workdir / "sweep.db").write_bytes(b"not a database at all\n" * 200)
   else:  # a real store, truncated mid-file
     store = store_lib.open_store(config, str(workdir))
-    runner.enqueue_grid(config, store)
+    runner.enqueue(config, store)
     store.storage.remove_session()
     del store
     data = (workdir / "sweep.db").read_bytes()
