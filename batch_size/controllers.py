@@ -30,13 +30,6 @@ from batch_size import config as config_lib
 from batch_size import noise_scale as noise_lib
 from batch_size import norm_tests
 
-# The train step imports only this module (train/trainer.py, train/loop.py: `controllers as
-# bs_lib`), so the measurement functions it calls are reachable here too; they live in
-# noise_scale.py and norm_tests.py. `noise_scale_update` goes once the step calls
-# `with_noise_scale` instead.
-gradient_statistics = norm_tests.gradient_statistics
-noise_scale_update = noise_lib.noise_scale_update
-
 
 class BatchSizeHistory(NamedTuple):
   """Ring buffer of the latest `capacity` batch-size changes; a checkpointable pytree.

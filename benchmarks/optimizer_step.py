@@ -59,7 +59,7 @@ def optax_lamb() -> optax.GradientTransformation:
       lambda learning_rate: optax.lamb(learning_rate, weight_decay=0.01))(learning_rate=0.0)
 
 
-def make_setup(config, name: str) -> trainer.Setup:
+def make_setup(config, name: str) -> trainer.Program:
   """trainer.setup with `config.optimizer.name = name`; benchmark-only names patched in."""
   config = config.copy_and_resolve_references()
   if name not in BENCHMARK_ONLY:
@@ -94,7 +94,7 @@ class _Runner:
   def steps(self, n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
-      self.state, metrics = self.train_step(self.state, self.batch, self.lr_inputs)
+      self.state, metrics, _ = self.train_step(self.state, self.batch, self.lr_inputs)
     jax.block_until_ready(metrics["loss"])
     return (time.perf_counter() - start) / n
 

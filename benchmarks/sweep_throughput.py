@@ -3,9 +3,9 @@ r"""Sweep throughput: K trials vectorised in one program against the same K run 
   python -m benchmarks.sweep_throughput                 # K = 8, a tiny-sweep cell, CPU
   python -m benchmarks.sweep_throughput --variant=small --d_model=128 --num_layers=3
 
-Both layouts train the same K learning rates of one sweep cell to the end (trainer.train
-per trial against train.vectorized.train_trials), with checkpoints, evals and
-metrics.jsonl as in a sweep; each layout first runs once untimed so compiles are excluded.
+Both layouts train the same K learning rates of one sweep cell to the end through the one
+loop (train/loop.py: K runs of one trial against one run of K vectorised trials), with
+checkpoints, evals and metrics.jsonl as in a sweep; each layout first runs once untimed so compiles are excluded.
 Also prints the bare step: K jitted steps against one vmapped step. Which wins on CPU
 depends on the step: for this tiny-sweep cell vectorised won (idle 2-core CPU, K=8: 1.35x
 whole trials, 10.4 s against 14.0 s; 1.33x bare step), for the lm.py shapes sequential did
@@ -26,7 +26,7 @@ from absl import app
 from absl import flags
 
 from sweep import grid
-from train import tasks as tasks_lib
+from train import loop
 from train import trainer
 from train import vectorized
 from configs import sweep as sweep_configs
@@ -41,12 +41,11 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "B of the cell (sequences).")
 
 def _run_sequential(s, configs, root):
   for i, c in enumerate(configs):
-    trainer.train(c, f"{root}/{i}", setup_=dataclasses.replace(s, config=c,
-                                                               task=tasks_lib.make_task(c)))
+    loop.run(s, [loop.Trial(c, f"{root}/{i}")])
 
 
 def _run_vectorized(s, configs, root):
-  vectorized.train_trials(s, configs, [f"{root}/{i}" for i in range(len(configs))])
+  loop.run(s, [loop.Trial(c, f"{root}/{i}") for i, c in enumerate(configs)])
 
 
 def main(argv):

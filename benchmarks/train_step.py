@@ -51,7 +51,7 @@ def framework_step_time(variant: str, n: int):
                "batch_size": np.float32(config.global_batch_size), "lr_scale": np.float32(1)}
 
   def step():
-    state["value"], metrics = train_step(state["value"], batch, lr_inputs)
+    state["value"], metrics, _ = train_step(state["value"], batch, lr_inputs)
     return metrics["loss"]
   cfg = trainer.tasks_lib.transformer.TransformerConfig.from_config(config.model, 257)
   flops = config.global_batch_size * config.seq_len * flops_lib.decoder_train_flops_per_token(

@@ -115,7 +115,7 @@ def run_worker(config, workdir: str, store: store_lib.TrialStore, *, layout: str
   ran, start = 0, time.perf_counter()
   while max_trials is None or ran < max_trials:
     store.recover()
-    claimed = store.claim(prefer=runner.setups.cells(), group=runner.group_size)
+    claimed = store.claim(prefer=runner.cells(), group=runner.group_size)
     if not claimed:
       p = store.progress()
       if p["pending"] == 0 or not wait:

@@ -50,7 +50,7 @@ def run_steps(config, num_devices: int | None = None, steps: int = 10, params=No
                                                            config.seq_len),
                  "batch_size": np.float32(config.global_batch_size), "lr_scale": np.float32(1)}
     batch = trainer.global_batch(s, [next(it) for _ in range(s.num_microbatches)])
-    state, metrics = step_fn(state, batch, lr_inputs)
+    state, metrics, _ = step_fn(state, batch, lr_inputs)
     losses.append(float(metrics["loss"]))
   return np.array(losses), s, state
 

@@ -30,8 +30,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.check_workdir(_WORKDIR.value)
   cli.start_distributed()
-  from train import trainer  # pylint: disable=g-import-not-at-top  (after distributed init)
-  result = trainer.train(_CONFIG.value, _WORKDIR.value)
+  from train import loop  # pylint: disable=g-import-not-at-top  (after distributed init)
+  result = loop.train(_CONFIG.value, _WORKDIR.value)
   logging.info("finished: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})
 
 

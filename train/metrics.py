@@ -142,3 +142,20 @@ class StepTimer:
     per_step = (now - self._t) / max(self._steps, 1)
     self._t, self._steps = now, 0
     return per_step
+
+
+def read_rows(workdir: str) -> dict[int, dict]:
+  """A run's metrics.jsonl by step, for notebooks and tests (the loop returns its results
+  forward; nothing in the library re-reads this). A line cut short by a kill is skipped."""
+  rows = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return rows
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      rows[int(row["step"])] = row
+  return rows

@@ -32,7 +32,9 @@ class Task:
   make_model: Callable[[nnx.Rngs], nnx.Module]
   loss_fn: Callable[[nnx.Module, dict], tuple[Any, dict]]
   eval_fn: Callable[[nnx.Module, dict], dict]
-  train_iterator: Callable[..., Any]  # (micro_batch, process_index, process_count) -> iter
+  # (micro_batch, process_index, process_count, seed=config.seed) -> iter; the loop passes
+  # its trial's seed (the data order), so trials of one program share the Task.
+  train_iterator: Callable[..., Any]
   eval_iterator: Callable[..., Any]  # (batch, process_index, process_count) -> iter
   batch_axes: dict  # batch key -> logical axis names
   flops_per_example: float  # training FLOPs
@@ -75,7 +77,7 @@ def lm_task(config) -> Task:
       make_model=lambda rngs: transformer.Transformer(cfg, rngs=rngs),
       loss_fn=loss_fn,
       eval_fn=eval_fn,
-      train_iterator=lambda b, p, n: iterator("train", b, p, n, config.seed),
+      train_iterator=lambda b, p, n, seed=None: iterator("train", b, p, n, _seed(config, seed)),
       eval_iterator=lambda b, p, n: iterator("validation", b, p, n, config.seed),
       batch_axes={"tokens": ("batch", None)},
       flops_per_example=config.seq_len * flops_lib.decoder_train_flops_per_token(
@@ -133,7 +135,7 @@ def mlm_task(config) -> Task:
       make_model=lambda rngs: bert.Bert(cfg, rngs=rngs),
       loss_fn=loss_fn,
       eval_fn=eval_fn,
-      train_iterator=lambda b, p, n: iterator(train_split, b, p, n, config.seed),
+      train_iterator=lambda b, p, n, seed=None: iterator(train_split, b, p, n, _seed(config, seed)),
       eval_iterator=lambda b, p, n: iterator(eval_split, b, p, n, config.seed),
       batch_axes={"tokens": axes, "targets": axes, "weights": axes},
       flops_per_example=config.seq_len * flops_lib.encoder_train_flops_per_token(
@@ -189,7 +191,7 @@ def image_task(config) -> Task:
       make_model=lambda rngs: resnet.ResNet(cfg, rngs=rngs),
       loss_fn=loss_fn,
       eval_fn=eval_fn,
-      train_iterator=lambda b, p, n: iterator(config.data.train_split, b, p, n, config.seed),
+      train_iterator=lambda b, p, n, seed=None: iterator(config.data.train_split, b, p, n, _seed(config, seed)),
       eval_iterator=lambda b, p, n: iterator(config.data.eval_split, b, p, n, config.seed),
       batch_axes={"image": ("batch", None, None, None), "label": ("batch",)},
       flops_per_example=flops_lib.resnet_train_flops_per_example(cfg, info["height"],
@@ -197,6 +199,11 @@ def image_task(config) -> Task:
       tokens_per_example=1,
       bits_per_byte_factor=1 / math.log(2),  # eval loss in bits per image
   )
+
+
+
+def _seed(config, seed):
+  return config.seed if seed is None else seed
 
 
 TASKS = {"lm": lm_task, "mlm": mlm_task, "image": image_task}

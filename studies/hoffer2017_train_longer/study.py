@@ -24,7 +24,7 @@ from absl import flags
 from absl import logging
 
 from train import cli
-from train import trainer
+from train import loop
 from configs import resnet as resnet_config
 from optimizers import schedules
 
@@ -59,7 +59,7 @@ def run(workdir: str, overrides: list[str] = ()) -> list[dict]:
   rows = []
   for variant, config in configs(overrides).items():
     start = time.time()
-    result = trainer.train(config, os.path.join(workdir, variant))
+    result = loop.train(config, os.path.join(workdir, variant))
     rows.append(dict(
         run=variant, batch=config.global_batch_size, steps=result["step"],
         epochs=result["examples"] / resnet_config.DIGITS_TRAIN, lr=effective_lr(config),

@@ -23,7 +23,7 @@ import numpy as np
 
 from train import cli
 from laws import critical_batch
-from train import trainer
+from train import loop
 from configs import lm as lm_config
 
 def define_flags() -> None:
@@ -92,7 +92,7 @@ def stop_at(target):
 
 def run(name, config, workdir, target=None):
   path = os.path.join(workdir, name)
-  result = trainer.train(config, path, hooks=[stop_at(target)] if target else ())
+  result = loop.train(config, path, hooks=[stop_at(target)] if target else ())
   rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
   rows = [r for r in rows if "loss" in r]
   return result, rows

@@ -202,31 +202,22 @@ def run_config(config, parametrization: str, width: int) -> ml_collections.Confi
   return c
 
 
-def train_losses(config, parametrization: str, width: int, lrs) -> dict:
-  """{lr: final eval loss (NaN if the run diverged)} for one width, one compile for all lrs."""
+def train_losses(config, parametrization: str, width: int, lrs, workdir: str) -> dict:
+  """{lr: final eval loss (NaN if the run diverged)} for one width: the learning rates train
+  as K vectorised trials of one program (train/loop.py), the same batches for every lr."""
+  from train import loop  # pylint: disable=g-import-not-at-top
   from train import trainer  # pylint: disable=g-import-not-at-top
   c = run_config(config, parametrization, width)
+  c.eval_every = c.checkpoint_every = c.num_steps  # one eval, at the end
   s = trainer.setup(c)
-  step_fn = trainer.make_train_step(s)
-  eval_step = trainer.make_eval_step(s)
-  peak = c.schedule.peak_lr
-  out = {}
+  trials = []
   for lr in lrs:
-    state = trainer.init_state(s, c.seed)
-    it = s.task.train_iterator(s.micro_batch_size, 0, 1)  # same batches for every lr
-    finite, tokens = True, 0.0
-    for i in range(c.num_steps):
-      lr_inputs = {"step": np.int32(i), "tokens": np.float32(tokens),
-                   "batch_size": np.float32(c.global_batch_size),
-                   "lr_scale": np.float32(lr / peak)}
-      batch = trainer.global_batch(s, [next(it) for _ in range(s.num_microbatches)])
-      state, metrics = step_fn(state, batch, lr_inputs)
-      tokens += c.global_batch_size * c.seq_len
-      if i % 50 == 49 and not bool(metrics["finite"]):
-        finite = False
-        break
-    finite = finite and bool(metrics["finite"])
-    loss = trainer.evaluate(s, eval_step, state)["eval_loss"] if finite else float("nan")
+    t = ml_collections.ConfigDict(c.to_dict())
+    t.lr_scale = lr / c.schedule.peak_lr
+    trials.append(loop.Trial(t, os.path.join(workdir, f"lr_{lr:.6g}")))
+  out = {}
+  for lr, result in zip(lrs, loop.run(s, trials)):
+    loss = result.get("eval_loss", math.nan) if result["status"] == "done" else math.nan
     out[lr] = loss if math.isfinite(loss) else float("nan")
     logging.info("%s d=%d lr=%.3g: eval loss %.4f", parametrization, width, lr, out[lr])
   return out
@@ -317,7 +308,8 @@ def transfer_sweep(config, workdir: str) -> dict:
       missing = [lr for lr in lrs if repr(lr) not in done]  # a wider grid runs only new lrs
       if missing:
         start = time.time()
-        done.update({repr(lr): v for lr, v in train_losses(config, name, width, missing).items()})
+        losses = train_losses(config, name, width, missing, os.path.join(workdir, name, str(width)))
+        done.update({repr(lr): v for lr, v in losses.items()})
         logging.info("%s: %.0f s", key, time.time() - start)
         with open(path, "w") as f:
           json.dump(stored, f, indent=1)

@@ -30,6 +30,7 @@ import ml_collections
 
 from train import cli
 from train import files
+from train import loop
 from train import trainer
 from configs import lm as lm_config
 from models import flops as flops_lib
@@ -150,7 +151,7 @@ def _train(config, workdir: str, setup_) -> dict:
     shutil.rmtree(workdir)
   start = time.time()
   try:
-    out = trainer.train(config, workdir, setup_=setup_)
+    out = loop.train(config, workdir, setup_=setup_)
     status, error = out["status"], ""
   except trainer.NonFiniteLossError as e:
     out, status, error = {}, "diverged", str(e).split(";")[0]
@@ -197,7 +198,7 @@ def run(study, workdir: str, log=print) -> dict:
   os.makedirs(workdir, exist_ok=True)
   results = _Results(os.path.join(workdir, "results.json"))
   peak = study.device_peak_flops or flops_lib.measure_matmul_peak(seconds=0.5)
-  setups: dict[tuple, trainer.Setup] = {}
+  setups: dict[tuple, trainer.Program] = {}
   plan = [(o, study.base_batch_size, f) for o in study.optimizers
           for f in study.lr_check_factors]
   total = len(plan) + sum(1 for o in study.optimizers for b in study.batch_sizes
@@ -208,7 +209,7 @@ def run(study, workdir: str, log=print) -> dict:
     key, h = run_key(optimizer, batch_size, factor), _hash(config)
     record = results.get(key, h)
     if record is None:
-      # Runs that differ only in lr_scale share a Setup, so its compiled steps are reused.
+      # Runs that differ only in lr_scale share a Program, so its compiled steps are reused.
       base = setups.get((optimizer, batch_size))
       if base is None:
         base = setups[(optimizer, batch_size)] = trainer.setup(config)

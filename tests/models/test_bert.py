@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from train import loop
 from train import trainer
 from configs import bert as bert_config
 from data import lm
@@ -109,7 +110,7 @@ def test_two_phases_keep_the_optimizer_state_and_rewarm_the_lr(tmp_path, monkeyp
       step = int(lr_inputs["step"])
       if step == PHASE1_STEPS:  # phase 2's first step: what it starts from (pre-donation)
         seen["phase2_start"] = jax.device_get(state)
-      state, metrics = step_fn(state, batch, lr_inputs)
+      state, metrics, _ = step_fn(state, batch, lr_inputs)
       if step == PHASE1_STEPS - 1:
         seen["phase1_end"] = jax.device_get(state)
       return state, metrics
@@ -117,11 +118,11 @@ def test_two_phases_keep_the_optimizer_state_and_rewarm_the_lr(tmp_path, monkeyp
   monkeypatch.setattr(trainer, "make_train_step", spy)
 
   phase1, phase2 = str(tmp_path / "phase1"), str(tmp_path / "phase2")
-  trainer.train(_phase(1, seq_len=32, global_batch_size=16, log_every=5), phase1)
+  loop.train(_phase(1, seq_len=32, global_batch_size=16, log_every=5), phase1)
   losses = [m["loss"] for m in _metrics(phase1)]
   assert losses[-1] < losses[0] - 1.0, losses  # the MLM loss falls (~6 nats at init)
 
-  result = trainer.train(_phase(2, seq_len=64, global_batch_size=8, log_every=1,
+  result = loop.train(_phase(2, seq_len=64, global_batch_size=8, log_every=1,
                                 init_from=phase1), phase2)
   assert result["step"] == PHASE1_STEPS + PHASE2_STEPS
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from train import loop
 from train import trainer
 from configs import resnet as resnet_config
 from data import digits
@@ -101,7 +102,7 @@ def test_tiny_resnet_reaches_95_percent_on_digits(tmp_path):
   config.mesh.update(data=1)
   config.async_checkpointing = False
   one_device = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])  # fastest on CPU
-  result = trainer.train(config, str(tmp_path), setup_=trainer.setup(config, mesh=one_device))
+  result = loop.train(config, str(tmp_path), setup_=trainer.setup(config, mesh=one_device))
   assert result["eval_accuracy"] >= 0.95, result
   assert result["mfu"] > 0  # FLOPs per image are known
 

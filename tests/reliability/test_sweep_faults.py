@@ -22,7 +22,7 @@ import pytest
 from sweep import grid
 from sweep import runner
 from sweep import store as store_lib
-from train import trainer
+from train import loop
 from configs import sweep as sweep_configs
 from tests import testlib
 from tests.reliability import conftest as rel
@@ -234,17 +234,18 @@ def test_failing_trials_are_retried_recorded_and_the_sweep_goes_on(tmp_path, mon
   config.store.poll_s = 0.1
   config.compilation_cache_dir = "none"
   calls = collections.Counter()
-  real_train = trainer.train
+  real_run = loop.run
 
-  def flaky_train(cfg, workdir, **kwargs):
+  def flaky_run(s, trials, **kwargs):
+    cfg = trials[0].config
     calls[cfg.lr_scale] += 1
     if cfg.lr_scale == 0.01:
       raise RuntimeError("injected fault: this trial always raises")
     if cfg.lr_scale == 0.0316 and calls[cfg.lr_scale] == 1:
       raise OSError("injected fault: the first attempt raises")
-    return real_train(cfg, workdir, **kwargs)
+    return real_run(s, trials, **kwargs)
 
-  monkeypatch.setattr(trainer, "train", flaky_train)
+  monkeypatch.setattr(loop, "run", flaky_run)
   out = runner.run_sweep(config, str(tmp_path), layout="sequential")
   assert out["progress"]["pending"] == 0 and "report" in out
   assert calls == {0.01: 3, 0.0316: 2, 0.1: 1, 1e30: 1}  # max_retries = 2

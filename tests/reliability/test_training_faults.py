@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from train import checkpoint as ckpt_lib
+from train import loop
 from train import trainer
 from tests import testlib
 from tests.reliability import conftest as rel
@@ -248,7 +249,7 @@ def test_failed_checkpoint_write_stops_with_one_line_and_keeps_the_previous(
 
 
 # ----------------------------------------------------------------------------------------
-# In-process: disk full and poisoned batches through trainer.train (one compiled Setup).
+# In-process: disk full and poisoned batches through trainer.train (one compiled Program).
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +279,7 @@ def test_disk_full_in_orbax_write_path_is_reported_and_resumes(setup_, tmp_path,
 
   monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", full_disk)
   with pytest.raises(ckpt_lib.CheckpointWriteError) as raised:
-    trainer.train(s.config, str(tmp_path), setup_=s)
+    loop.train(s.config, str(tmp_path), setup_=s)
   message = str(raised.value)
   assert message.startswith(f"checkpoint at step 8 could not be written to {tmp_path}/")
   assert "No space left on device [errno 28]" in message
@@ -286,7 +287,7 @@ def test_disk_full_in_orbax_write_path_is_reported_and_resumes(setup_, tmp_path,
   assert rel.checkpoint_steps(tmp_path) == [4]
 
   monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", original)
-  out = trainer.train(s.config, str(tmp_path), setup_=s)
+  out = loop.train(s.config, str(tmp_path), setup_=s)
   assert out["status"] == "done" and out["step"] == 12
   rel.record("disk_full", runs=1, survived=1, kind="ENOSPC (injected)", recomputed=8 - 4)
 
@@ -319,7 +320,8 @@ class _Poisoned:
 
 def _poison(s, bad: int):
   make = s.task.train_iterator
-  task = dataclasses.replace(s.task, train_iterator=lambda *a: _Poisoned(make(*a), bad))
+  task = dataclasses.replace(s.task,
+                             train_iterator=lambda *a, **k: _Poisoned(make(*a, **k), bad))
   return dataclasses.replace(s, task=task)
 
 
@@ -327,7 +329,7 @@ def test_nan_skip_drops_the_update_and_training_continues(setup_, tmp_path, capl
   s = _poison(_with(setup_, nan_policy="skip", checkpoint_every=1, async_checkpointing=False),
               bad=7)
   with caplog.at_level(logging.WARNING):
-    out = trainer.train(s.config, str(tmp_path), setup_=s)
+    out = loop.train(s.config, str(tmp_path), setup_=s)
   assert out["status"] == "done" and out["step"] == 12
   assert any("at step 7" in r.getMessage() and "nan_policy='skip'" in r.getMessage()
              for r in caplog.records)
@@ -347,7 +349,7 @@ def test_nan_skip_drops_the_update_and_training_continues(setup_, tmp_path, capl
 def test_nan_stop_keeps_the_last_good_checkpoint(setup_, tmp_path):
   s = _poison(_with(setup_, nan_policy="stop"), bad=7)
   with pytest.raises(trainer.NonFiniteLossError, match=r"at step 7 .*nan_policy='skip'"):
-    trainer.train(s.config, str(tmp_path), setup_=s)
+    loop.train(s.config, str(tmp_path), setup_=s)
   assert rel.checkpoint_steps(tmp_path) == [4]
   c = ckpt_lib.Checkpointer(os.path.join(tmp_path, "checkpoints"), async_save=False)
   step, state, _ = c.restore(setup_.abstract_state, None)  # verified against its fingerprint

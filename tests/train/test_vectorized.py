@@ -1,6 +1,7 @@
-"""train/vectorized.py: K learning rates in one vmapped program train exactly like K
-sequential trainer runs (same losses, rtol 1e-4), also with the trial axis sharded over
-devices, diverge one by one, and resume from their checkpoints."""
+"""train/loop.py with train/vectorized.py's steps: K learning rates in one vmapped program
+train exactly like the same K trials run one by one through the same loop (same losses,
+rtol 1e-4, same checkpoints), also with the trial axis sharded over devices, diverge one by
+one, and resume from their checkpoints."""
 import dataclasses
 
 import jax
@@ -11,7 +12,9 @@ from sweep import grid
 from sweep import runner
 from sweep import store as store_lib
 from sweep import trials as trials_lib
-from train import tasks as tasks_lib
+from train import checkpoint as ckpt_lib
+from train import loop
+from train import metrics as metrics_lib
 from train import trainer
 from train import vectorized
 from configs import sweep as sweep_configs
@@ -42,33 +45,44 @@ def _setup(config, mesh, point=POINT):
   return trainer.setup(grid.trial_config(config, point), mesh=mesh)
 
 
+def _trials(configs, dirs):
+  return [loop.Trial(c, d) for c, d in zip(configs, dirs)]
+
+
+def _final_params(workdir, s):
+  c = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", async_save=False)
+  steps = c.all_steps()
+  _, state, meta = c.restore(s.abstract_state, None)
+  c.close()
+  return steps, jax.device_get(state["params"]), meta
+
+
 def _losses(workdir):
-  rows = trials_lib.read_metrics(workdir)
+  rows = metrics_lib.read_rows(workdir)
   return (np.array([rows[s]["loss"] for s in sorted(rows)]),
           {s: rows[s]["eval_loss"] for s in sorted(rows) if "eval_loss" in rows[s]})
 
 
 @pytest.fixture(scope="module")
 def setup1():
-  """One Setup on one device, shared by the tests so each program compiles once."""
+  """One Program on one device, shared by the tests so each program compiles once."""
   config = _sweep_config()
   return _setup(config, mesh_lib.make_mesh(config.base.mesh, devices=jax.devices()[:1]))
 
 
 @pytest.fixture(scope="module")
 def sequential(setup1, tmp_path_factory):
-  """The reference: each learning rate as its own trainer.train run."""
+  """The reference: each learning rate as its own run (K = 1) of the same loop."""
   out = []
   for c in _configs(_sweep_config(), LRS):
     d = str(tmp_path_factory.mktemp("seq"))
-    trainer.train(c, d, setup_=dataclasses.replace(setup1, config=c,
-                                                   task=tasks_lib.make_task(c)))
-    out.append(_losses(d))
+    result = loop.train(c, d, setup_=setup1)
+    out.append(_losses(d) + (d, result))
   return out
 
 
 def _check_same(outs, dirs, sequential, lrs=LRS):
-  for out, d, (seq_loss, seq_eval), lr in zip(outs, dirs, sequential, lrs):
+  for out, d, (seq_loss, seq_eval, _, seq_out), lr in zip(outs, dirs, sequential, lrs):
     assert out["status"] == "done", (lr, out)
     loss, evals = _losses(d)
     assert len(loss) == len(seq_loss) == 16
@@ -76,17 +90,34 @@ def _check_same(outs, dirs, sequential, lrs=LRS):
     assert len(seq_eval) >= 3 and set(seq_eval) <= set(evals)  # (+ the end of a first half)
     np.testing.assert_allclose([evals[k] for k in seq_eval], list(seq_eval.values()), rtol=1e-4)
     assert out["eval_loss"] == pytest.approx(seq_eval[16], rel=1e-4)
+    # The result carries its eval curve forward (no metrics.jsonl re-read).
+    assert out["curve"]["steps"] == seq_out["curve"]["steps"] == list(seq_eval)
+    np.testing.assert_allclose(out["curve"]["losses"], list(seq_eval.values()), rtol=1e-4)
 
 
-def test_vectorized_matches_sequential(setup1, sequential, tmp_path):
-  dirs = [str(tmp_path / str(i)) for i in range(len(LRS))]
-  outs = vectorized.train_trials(setup1, _configs(_sweep_config(), LRS), dirs)
-  _check_same(outs, dirs, sequential)
-  assert len({round(o["eval_loss"], 6) for o in outs}) == len(LRS)  # the lrs do differ
-  # Each trial's workdir is a trainer workdir: trainer.train sees it finished.
+def test_three_vectorized_trials_match_three_sequential(setup1, sequential, tmp_path):
+  """K = 3 through the loop's vmapped step against the same 3 trials run one by one through
+  the same loop: losses and evals (rtol 1e-4, 16 steps), checkpoints, and a resume."""
+  dirs = [str(tmp_path / str(i)) for i in range(3)]
+  outs = loop.run(setup1, _trials(_configs(_sweep_config(), LRS[:3]), dirs))
+  _check_same(outs, dirs, sequential[:3], LRS[:3])
+  assert len({round(o["eval_loss"], 6) for o in outs}) == 3  # the lrs do differ
+  for d, (_, _, seq_dir, _) in zip(dirs, sequential):
+    steps, params, meta = _final_params(d, setup1)
+    seq_steps, seq_params, seq_meta = _final_params(seq_dir, setup1)
+    assert steps == seq_steps and meta["tokens"] == seq_meta["tokens"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params, seq_params)
+  # Each trial's workdir is a plain run's workdir: the K = 1 loop resumes it, finished.
   c = _configs(_sweep_config(), LRS)[0]
-  again = trainer.train(c, dirs[0], setup_=dataclasses.replace(setup1, config=c))
-  assert again["step"] == 16
+  again = loop.train(c, dirs[0], setup_=setup1)
+  assert again["step"] == 16 and again["curve"] == outs[0]["curve"]
+
+
+def test_four_vectorized_trials_match_sequential(setup1, sequential, tmp_path):
+  dirs = [str(tmp_path / str(i)) for i in range(len(LRS))]
+  outs = loop.run(setup1, _trials(_configs(_sweep_config(), LRS), dirs))
+  _check_same(outs, dirs, sequential)
 
 
 def test_trial_axis_sharded_over_devices(sequential, tmp_path):
@@ -99,7 +130,7 @@ def test_trial_axis_sharded_over_devices(sequential, tmp_path):
   s = _setup(config, mesh)
   assert vectorized.num_trial_shards(s) == 4
   dirs = [str(tmp_path / str(i)) for i in range(3)]
-  outs = vectorized.train_trials(s, _configs(config, LRS[:3]), dirs)
+  outs = loop.run(s, _trials(_configs(config, LRS[:3]), dirs))
   assert len(outs) == 3
   _check_same(outs, dirs, sequential[:3], LRS[:3])
 
@@ -107,25 +138,23 @@ def test_trial_axis_sharded_over_devices(sequential, tmp_path):
 def test_diverged_trial_stops_alone(setup1, sequential, tmp_path):
   lrs = (LRS[0], 1e6, LRS[1], LRS[2])
   dirs = [str(tmp_path / str(i)) for i in range(4)]
-  outs = vectorized.train_trials(setup1, _configs(_sweep_config(), lrs), dirs)
+  outs = loop.run(setup1, _trials(_configs(_sweep_config(), lrs), dirs))
   assert [o["status"] for o in outs] == ["done", "diverged", "done", "done"]
   assert outs[1]["step"] < 16 and "at step" in outs[1]["error"]
-  result = trials_lib.trial_result(dirs[1], "diverged", outs[1]["error"])
-  assert result["status"] == "diverged" and np.isfinite(result["loss"])  # last finite loss
+  assert np.isfinite(outs[1]["loss"])  # the last finite loss
   keep = [0, 2, 3]
   _check_same([outs[i] for i in keep], [dirs[i] for i in keep], sequential[:3], LRS[:3])
 
 
 def test_resume_from_checkpoints(setup1, sequential, tmp_path):
-  """Stopped at step 8 (as if killed after the checkpoint), then resumed: the same losses."""
+  """Stopped at step 8 (as if killed after the checkpoint), then resumed: the same losses,
+  and the eval curve of the whole run comes back from the checkpoints."""
   config = _sweep_config()
   dirs = [str(tmp_path / str(i)) for i in range(4)]
-  first = _configs(config, LRS)
-  for c in first:
-    c.num_steps = 8  # the Setup's schedule still spans 16 steps: the first half of the run
-  outs = vectorized.train_trials(setup1, first, dirs)
-  assert [o["step"] for o in outs] == [8] * 4
-  outs = vectorized.train_trials(setup1, _configs(config, LRS), dirs)
+  trials = _trials(_configs(config, LRS), dirs)
+  outs = loop.run(setup1, trials, hooks=[lambda step, row: step >= 8])
+  assert [(o["status"], o["step"]) for o in outs] == [("stopped", 8)] * 4
+  outs = loop.run(setup1, trials)
   _check_same(outs, dirs, sequential)
 
 
@@ -163,6 +192,6 @@ def test_sweep_driver_measures_the_layout(sequential, tmp_path):
     row = rows[lr]
     assert row["status"] == "ok" and row["loss"] == pytest.approx(seq_eval[16], rel=1e-4)
     assert row["curve"]["steps"] == list(seq_eval)
-    metrics = trials_lib.read_metrics(str(tmp_path / "trials" / str(row["trial"])))
+    metrics = metrics_lib.read_rows(str(tmp_path / "trials" / str(row["trial"])))
     for step, m in metrics.items():
       assert m["loss"] == pytest.approx(seq_loss[step - 1], rel=1e-4), (lr, step)
