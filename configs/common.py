@@ -134,6 +134,10 @@ def training_defaults() -> ml_collections.ConfigDict:
   c.device_peak_flops = 0.0  # 0 = known accelerator peak, or a measured matmul peak on CPU
   c.lr_scale = 1.0  # runtime multiplier of the schedule (sweeps vary it without recompiling)
   c.init_from = ""  # workdir whose latest checkpoint starts this run (a new training phase)
+  # > 0: the run stops ('stopped', with a checkpoint) once the EMA (decay stop_loss_ema) of
+  # its logged training loss reaches this (studies of steps to a target loss).
+  c.stop_at_loss = 0.0
+  c.stop_loss_ema = 0.9
   # Dotted fields a resume may change from the workdir's config.json (e.g. ("num_steps",) to
   # train on); each change is logged to config_history.jsonl. Any other change is refused.
   c.resume_allow_changes = ()

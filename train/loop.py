@@ -45,7 +45,8 @@ from train import vectorized
 TRIAL_FIELDS = ("lr_scale", "seed", "num_steps", "max_tokens", "eval_every", "eval_steps",
                 "eval_batches", "eval_batch_size", "log_every", "checkpoint_every",
                 "keep_checkpoints", "async_checkpointing", "nan_policy", "loss_bound",
-                "device_peak_flops", "init_from", "resume_allow_changes", "variant")
+                "device_peak_flops", "init_from", "resume_allow_changes", "variant",
+                "stop_at_loss", "stop_loss_ema")
 # Fields every trial of a vectorised group shares: the group runs one loop over them.
 SHARED_FIELDS = ("num_steps", "max_tokens", "global_batch_size", "seed", "eval_every",
                  "eval_steps", "eval_batches", "eval_batch_size", "log_every",
@@ -99,6 +100,7 @@ class _Sink:
     self.curve = _empty_curve()
     self.last: dict = {}
     self.status, self.error, self.stopped_at = "running", "", None
+    self.loss_ema = None
 
   @property
   def alive(self) -> bool:
@@ -116,6 +118,16 @@ class _Sink:
             else "no checkpoint was written yet")
     self.status, self.stopped_at = "diverged", step
     self.error = f"{msg}; {kept}. Lower the learning rate or set config.nan_policy='skip'."
+
+  def reached_target(self, loss: float) -> bool:
+    """config.stop_at_loss: the EMA of the logged training loss is at or below it (the EMA
+    restarts on resume, so a resumed run may stop a few steps later)."""
+    cfg = self.trial.config
+    if not cfg.get("stop_at_loss"):
+      return False
+    decay = cfg.get("stop_loss_ema", 0.9)
+    self.loss_ema = loss if self.loss_ema is None else decay * self.loss_ema + (1 - decay) * loss
+    return self.loss_ema <= cfg.stop_at_loss
 
   def record_eval(self, step: int, loss: float) -> None:
     self.curve = {"steps": self.curve["steps"] + [step],
@@ -255,8 +267,10 @@ def _write_rows(sinks, step, state, data_it, meta, flags, extra, evals, step_fn,
       sink.logger.write(row)
       if is_log and len(sinks) == 1:
         sink.logger.progress(row, row.get("step_time_s", 0.0))
-    # A hook that returns True ends the trial here (e.g. a study stopping at a target loss).
+    # A hook that returns True ends the trial here, as config.stop_at_loss does.
     stop = any([bool(hook(step, row)) for hook in hooks])
+    if is_log and sink.reached_target(row["loss"]):
+      stop = True
     if is_ckpt or stop:
       sink.save(step, step_fn.trial_state(state, i), data_it, meta)
     if stop:
