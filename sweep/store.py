@@ -204,7 +204,8 @@ class TrialStore:
 
   def rows(self) -> list[dict]:
     """One row per finished point, sorted by key: key, trial, attempts, the point's row (for
-    the grid, report.fit_all's format), then status, loss, curve, steps, wall_s, layout."""
+    the grid, report.fit_all's format), then status, loss, curve, steps, wall_s, layout,
+    final (the last logged row's metrics) and stopped (at config.stop_at_loss)."""
     rows = []
     for key, chain in sorted(self.chains().items()):
       outcome = self.outcome(chain)
@@ -219,7 +220,8 @@ class TrialStore:
         result = last.user_attrs["result"]
         row.update(status=result["status"], loss=result["loss"], curve=result["curve"],
                    steps=result["steps"], wall_s=result.get("wall_s"),
-                   layout=result.get("layout"))
+                   layout=result.get("layout"), final=result.get("final", {}),
+                   stopped=result.get("stopped", False))
         if result.get("error"):
           row["error"] = result["error"]
       else:

@@ -25,17 +25,26 @@ from sweep import store as store_lib
 from train import loop
 from train import programs as programs_lib
 
+# The last logged row's fields a study's analysis may read (the rest stay in metrics.jsonl).
+FINAL_FIELDS = ("loss", "eval_loss", "tokens", "examples", "batch_size", "noise_scale",
+                "grad_norm", "lr", "eval_accuracy", "step_time_s", "tokens_per_s", "mfu")
+
+
 def trial_result(out: dict, wall_s: float, layout: str) -> dict:
   """The stored result of a trial from what the training loop returned (train/loop.py).
 
-  loss: the final eval loss ('ok'), or the last finite training loss ('diverged'); curve: the
-  eval loss at every evaluated step (log-spaced, for the critical batch fit).
+  loss: the final eval loss ('ok': the run finished, or stopped at config.stop_at_loss; its
+  last training loss when it has no eval), or the last finite training loss ('diverged');
+  curve: the eval loss at every evaluated step (log-spaced, for the critical batch fit);
+  final: the last logged row's FINAL_FIELDS; stopped: whether it stopped at its target.
   """
-  ok = out["status"] == "done"
-  loss = out.get("eval_loss", math.nan) if ok else out.get("loss", math.nan)
+  ok = out["status"] in ("done", "stopped")
+  loss = out.get("eval_loss", out.get("loss", math.nan)) if ok else out.get("loss", math.nan)
+  final = {k: float(out[k]) for k in FINAL_FIELDS if isinstance(out.get(k), (int, float))}
   return {"status": "ok" if ok else "diverged", "loss": float(loss), "steps": out["step"],
           "curve": out["curve"], "error": out.get("error", "").split(";")[0],
-          "wall_s": round(wall_s, 3), "layout": layout}
+          "wall_s": round(wall_s, 3), "layout": layout, "final": final,
+          "stopped": out["status"] == "stopped", "batch_history": out.get("batch_history", [])}
 
 
 class Preempted(Exception):
