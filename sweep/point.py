@@ -8,9 +8,9 @@ Any study's points run alike: one trial each in the store, claimed by workers, r
 resumed. Points of one `cell` differ only in the runtime inputs `lr_scale` (the learning-rate
 multiplier) and `seed`, so they share one compiled train step, and those of one cell and seed
 (a `group`) can train as one vectorised program; by default the cell is a hash of the
-overrides. Points of one `model` ('' = none) also share the compiled init and eval step: only
-cells of one model and optimizer may name the same. `row`: the point's columns in the results
-(the study's axes, what its analysis reads).
+overrides. Points of one `model` (by default their cell) also share the compiled init and
+eval step: only cells of one model and optimizer may name the same. `row`: the point's
+columns in the results (the study's axes, what its analysis reads).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class Point:
   lr_scale: float = 1.0
   seed: int = 0
   cell: str = ""  # '' = cell_of(overrides)
-  model: str = ""
+  model: str = ""  # '' = the cell
   row: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
@@ -41,6 +41,8 @@ class Point:
                        "(lr_scale=, seed=), not overrides.")
     if not self.cell:
       object.__setattr__(self, "cell", cell_of(self.overrides))
+    if not self.model:
+      object.__setattr__(self, "model", self.cell)
 
   @property
   def group(self) -> str:
