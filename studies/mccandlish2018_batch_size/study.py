@@ -1,138 +1,125 @@
 r"""Steps and tokens to a target loss: fixed batch sizes against adaptive batch-size control.
 
-  python -m studies.mccandlish2018_batch_size.study --model=tiny --workdir=/tmp/bs_study
-  python -m studies.mccandlish2018_batch_size.study --model=small --workdir=/tmp/bs_small \
-      --fixed=8,16,32,64 --micro=8 --max_batch=64 --target=2.6 --max_tokens=8e5 --base_lr=1.5e-3
-      (the README's table: 19 min on 2 idle CPU cores)
+  python -m sweep --config=studies/mccandlish2018_batch_size/config.py:tiny --workdir=/tmp/bs_study
+  python -m sweep --config=studies/mccandlish2018_batch_size/config.py:small --workdir=/tmp/bs_small
+      (the README's table)
 
-Trains the LM with several fixed batch sizes (the steps-versus-examples trade-off of
-McCandlish et al. 2018, Fig. 3: S = S_min(1 + B_crit/B), E = E_min(1 + B/B_crit)), with the
-noise-scale controller (batch ∝ B_simple) and with AdAdaGrad's norm test (Lau et al. 2024),
-all to the same target loss. Writes `batch_size_study.md` (table) and `.png` (plot) to the
-workdir. The learning rate follows the batch through the square-root rule (Hoffer et al.
-2017; Granziol et al. 2022 for Adam) from base_batch_size.
+A sweep study (sweep/runner.py): `points(config)` is one trial per run, `analyse(rows, config,
+out_dir)` the table and plot. The runs train the LM with several fixed batch sizes (the
+steps-versus-examples trade-off of McCandlish et al. 2018, Fig. 3: S = S_min(1 + B_crit/B),
+E = E_min(1 + B/B_crit)), with the noise-scale controller (batch ∝ B_simple) and with
+AdAdaGrad's norm test (Lau et al. 2024), all to the same target loss: each stops (the
+trainer's `stop_at_loss`) at the first step whose EMA of the training loss reaches it, so
+its stored `steps` and last logged row (`final`) are the steps, tokens and batch at the
+target. The learning rate follows the batch through the square-root rule (Hoffer et al.
+2017; Granziol et al. 2022 for Adam) from batch 8. Writes `batch_size_study.md` (table),
+`.json` and `.png` (plot) to <workdir>/report/. Config: studies/mccandlish2018_batch_size/
+config.py.
 """
 from __future__ import annotations
 
 import json
 import os
 
-from absl import flags
-from absl import logging
 import numpy as np
 
-from train import cli
 from laws import critical_batch
-from train import loop
-from configs import lm as lm_config
-
-def define_flags() -> None:
-  """The CLI's flags (defined when run as a script, so tests can import the module)."""
-  flags.DEFINE_string("workdir", None, "Output directory.")
-  flags.DEFINE_enum("model", "tiny", ["tiny", "small"], "lm.py variant to train.")
-  flags.DEFINE_float("target", 2.6, "Target loss (EMA of the training loss, nats).")
-  flags.DEFINE_list("fixed", ["8", "16", "32", "64", "128"], "Fixed batch sizes.")
-  flags.DEFINE_integer("micro", 8, "Micro-batch (and initial batch) of adaptive runs.")
-  flags.DEFINE_integer("max_batch", 128, "Largest batch adaptive runs may reach.")
-  flags.DEFINE_float("max_tokens", 1.5e6, "Token budget per run.")
-  flags.DEFINE_float("base_lr", 2e-3, "Peak lr at the base batch size (8).")
-  flags.DEFINE_float("eta", 0.3, "Norm-test parameter η.")
-  flags.DEFINE_bool("stop_at_target", True, "End each run when it reaches the target "
-                    "(otherwise it trains to max_tokens).")
+from sweep import point as point_lib
 
 
-EMA = 0.9
+def _runs(config) -> list[tuple[str, str, int]]:
+  """(run, controller, first batch) of every run: the fixed batches, then the adaptive ones.
+  The noise scale needs two micro-batches to measure; the norm test starts at one."""
+  runs = [(f"fixed_{b}", "fixed", int(b)) for b in config.fixed]
+  return runs + [("noise_scale", "noise_scale", 2 * config.micro),
+                 ("norm_test", "norm_test", config.micro)]
 
 
-def run_config(model: str, *, batch: int, micro: int, controller: str, max_batch: int,
-               max_tokens: float, base_lr: float, eta: float):
-  c = lm_config.get_config(model)
-  steps = int(max_tokens // (c.seq_len * batch))
-  # Micro-batches everywhere: the fixed runs log B_simple too (it needs k >= 2).
-  c.global_batch_size, c.micro_batch_size = batch, min(micro, batch)
-  c.num_steps, c.max_tokens, c.log_every, c.eval_every = steps, int(max_tokens), 1, 0
-  c.checkpoint_every = steps
-  c.schedule.name, c.schedule.peak_lr, c.schedule.warmup_steps = "constant", base_lr, 20
-  c.schedule.batch_size_rule, c.schedule.base_batch_size = "sqrt", 8
-  c.batch_size.controller = controller
-  c.batch_size.max_batch_size = max_batch
-  c.batch_size.min_batch_size = 2 * micro
-  c.batch_size.adaptive.eta = eta
-  c.batch_size.noise_scale.only_grow = True
-  return c
+def _check(config) -> None:
+  """One-line ValueErrors naming the field, before anything compiles."""
+  if not config.fixed or any(not isinstance(b, int) or b <= 0 for b in config.fixed):
+    raise ValueError(f"config.fixed={config.fixed!r}: need positive integer batch sizes.")
+  if not (isinstance(config.micro, int) and config.micro > 0):
+    raise ValueError(f"config.micro={config.micro!r}: need an integer > 0.")
+  if config.max_batch < 2 * config.micro:
+    raise ValueError(f"config.max_batch={config.max_batch}: must be >= 2 x config.micro="
+                     f"{2 * config.micro} (the noise-scale run's first batch).")
+  if not config.target > 0 or not config.base_lr > 0:
+    raise ValueError(f"config.target={config.target}, config.base_lr={config.base_lr}: "
+                     "need both > 0.")
+  for run, _, batch in _runs(config):
+    if config.max_tokens < batch * config.base.seq_len:
+      raise ValueError(f"config.max_tokens={config.max_tokens:g} is less than one step of "
+                       f"{run} (batch {batch} x seq_len {config.base.seq_len}).")
 
 
-def _ema(previous, loss):
-  """The loss EMA every run is judged by (the first value starts it)."""
-  return loss if previous is None else EMA * previous + (1 - EMA) * loss
+def overrides(config, controller: str, batch: int) -> dict:
+  """The trainer-config overrides of one run (of config.base)."""
+  steps = int(config.max_tokens // (config.base.seq_len * batch))
+  return {
+      # Micro-batches everywhere: the fixed runs log B_simple too (it needs k >= 2).
+      "global_batch_size": batch, "micro_batch_size": min(config.micro, batch),
+      "num_steps": steps, "max_tokens": int(config.max_tokens), "checkpoint_every": steps,
+      "log_every": 1, "schedule.peak_lr": config.base_lr,
+      "schedule.batch_size_rule": "sqrt", "schedule.base_batch_size": 8,
+      "batch_size.controller": controller, "batch_size.max_batch_size": config.max_batch,
+      "batch_size.min_batch_size": 2 * config.micro, "batch_size.adaptive.eta": config.eta,
+      "stop_at_loss": config.target if config.stop_at_target else 0.0}
 
 
-def steps_and_tokens_to_target(rows, target):
-  """First step at which the EMA of the training loss reaches target, and tokens by then."""
-  ema = None
-  for row in rows:
-    ema = _ema(ema, row["loss"])
-    if ema <= target:
-      return row["step"], row["tokens"], row["batch_size"]
-  return None, None, rows[-1]["batch_size"]
+def points(config) -> list[point_lib.Point]:
+  """One point per run; they share the compiled init and eval step (one model, AdamW)."""
+  _check(config)
+  return [point_lib.Point(run, overrides(config, controller, batch), model="lm",
+                          row={"run": run, "controller": controller, "batch": batch})
+          for run, controller, batch in _runs(config)]
 
 
-def stop_at(target):
-  """A trainer hook that ends the run once the loss EMA of steps_and_tokens_to_target
-  reaches target (a resumed run restarts the EMA, so it may stop a few steps later)."""
-  ema = None
-
-  def hook(step, metrics):
-    nonlocal ema
-    del step
-    ema = _ema(ema, metrics["loss"])
-    return ema <= target
-  return hook
-
-
-def run(name, config, workdir, target=None):
-  path = os.path.join(workdir, name)
-  result = loop.train(config, path, hooks=[stop_at(target)] if target else ())
-  rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
-  rows = [r for r in rows if "loss" in r]
-  return result, rows
+def table_row(row: dict) -> dict:
+  """A run's line of the table from its sweep row: steps, tokens and batch at the target
+  when it stopped there (None when not reached), its last loss and noise scale."""
+  final = row.get("final") or {}
+  stopped = row.get("status") == "ok" and bool(row.get("stopped"))
+  batch = final.get("batch_size", row["batch"])
+  return dict(run=row["run"], steps=int(row["steps"]) if stopped else None,
+              tokens=int(final["tokens"]) if stopped else None, final_batch=int(batch),
+              final_loss=float(final.get("loss", row["loss"])),
+              noise_scale=final.get("noise_scale"), status=row.get("status"))
 
 
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  workdir = f.workdir
-  common = dict(micro=f.micro, max_batch=f.max_batch, max_tokens=f.max_tokens,
-                base_lr=f.base_lr, eta=f.eta)
-  runs = [(f"fixed_{b}", run_config(f.model, batch=int(b), controller="fixed", **common))
-          for b in f.fixed]
-  # The noise scale needs two micro-batches to measure; the norm test starts at one.
-  runs += [("noise_scale", run_config(f.model, batch=2 * f.micro, controller="noise_scale",
-                                      **common)),
-           ("norm_test", run_config(f.model, batch=f.micro, controller="norm_test", **common))]
-  table = []
-  for name, config in runs:
-    logging.info("=== %s", name)
-    result, rows = run(name, config, workdir, f.target if f.stop_at_target else None)
-    steps, tokens, final_batch = steps_and_tokens_to_target(rows, f.target)
-    noise = [r["noise_scale"] for r in rows if "noise_scale" in r]
-    table.append(dict(run=name, steps=steps, tokens=tokens, final_batch=final_batch,
-                      final_loss=result["loss"], noise_scale=noise[-1] if noise else None))
-  write_outputs(table, workdir, f.target, runs[0][1].seq_len)
+def analyse(rows, config, out_dir: str) -> dict:
+  """The table (batch_size_study.md, .json) and plot (.png) in out_dir, from the rows."""
+  order = {run: i for i, (run, _, _) in enumerate(_runs(config))}
+  rows = sorted(rows, key=lambda r: order.get(r["run"], len(order)))
+  table = [table_row(r) for r in rows]
+  fit = write_outputs(table, out_dir, config.target, config.base.seq_len,
+                      ema=config.base.stop_loss_ema, n_boot=config.n_boot,
+                      stopped=config.stop_at_target)
+  out = {"table": table}
+  if fit is not None:
+    out["fit"] = {k: float(v) for k, v in fit.params.items()}
+  return out
 
 
-def write_outputs(table, workdir, target, seq_len):
+def _fit(table, target, n_boot):
+  """S = S_min(1 + B_crit/B) through the fixed runs that reached the target (>= 3)."""
   fixed = [r for r in table if r["run"].startswith("fixed") and r["steps"]]
-  fit = None
-  if len(fixed) >= 3:
-    batches = np.array([int(r["run"].split("_")[1]) for r in fixed], float)
-    fit = critical_batch.fit_critical_batch(batches, np.array([r["steps"] for r in fixed], float),
-                                            target=target, n_boot=200)
-  lines = [f"Target: EMA({EMA}) of the training loss ≤ {target} nats/token.\n",
+  if len(fixed) < 3:
+    return None
+  batches = np.array([int(r["run"].split("_")[1]) for r in fixed], float)
+  return critical_batch.fit_critical_batch(batches, np.array([r["steps"] for r in fixed], float),
+                                           target=target, n_boot=n_boot)
+
+
+def write_outputs(table, out_dir, target, seq_len, *, ema=0.9, n_boot=200, stopped=True):
+  """Writes batch_size_study.{md,json,png} to out_dir; returns the fit (or None)."""
+  fit = _fit(table, target, n_boot)
+  missing = "not reached" if stopped else "— (stop_at_target off)"
+  lines = [f"Target: EMA({ema}) of the training loss ≤ {target} nats/token.\n",
            "| run | steps to target | tokens to target | batch at target | final loss | "
            "B_simple (last) |", "|---|---|---|---|---|---|"]
   for r in table:
-    fmt = lambda v, f="{:,}", none="not reached": none if v is None else f.format(v)
+    fmt = lambda v, f="{:,}", none=missing: none if v is None else f.format(v)
     lines.append(f"| {r['run']} | {fmt(r['steps'])} | {fmt(r['tokens'])} | {r['final_batch']} "
                  f"| {r['final_loss']:.3f} | {fmt(r['noise_scale'], '{:.1f}', '—')} |")
   if fit is not None:
@@ -140,12 +127,14 @@ def write_outputs(table, workdir, target, seq_len):
     lines.append(f"\nFixed-batch fit of S = S_min(1 + B_crit/B) (McCandlish et al. 2018): "
                  f"S_min = {p['S_min']:.0f} steps, B_crit = {p['B_crit']:.1f} sequences "
                  f"(95% interval {fit.intervals['B_crit'][0]:.1f}–{fit.intervals['B_crit'][1]:.1f}).")
-  with open(os.path.join(workdir, "batch_size_study.md"), "w") as f:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "batch_size_study.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
-  with open(os.path.join(workdir, "batch_size_study.json"), "w") as f:
+  with open(os.path.join(out_dir, "batch_size_study.json"), "w") as f:
     json.dump(table, f, indent=1)
-  _plot(table, fit, seq_len, os.path.join(workdir, "batch_size_study.png"))
+  _plot(table, fit, seq_len, os.path.join(out_dir, "batch_size_study.png"))
   print("\n".join(lines))
+  return fit
 
 
 def _plot(table, fit, seq_len, path):
@@ -172,10 +161,3 @@ def _plot(table, fit, seq_len, path):
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
-
-
-if __name__ == "__main__":
-  define_flags()
-  flags.mark_flags_as_required(["workdir"])
-  cli.define_distributed_flags()
-  raise SystemExit(cli.run(main))
