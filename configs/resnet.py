@@ -1,4 +1,4 @@
-"""ResNet image-classification configs (He et al. 2016) and Hoffer et al. 2017's recipe.
+"""ResNet image-classification configs (He et al. 2016).
 
   python -m train --config=configs/resnet.py:tiny --workdir=/tmp/rn
 
@@ -6,14 +6,6 @@ Variants (digits is built from scikit-learn's bundled copy, no download):
   tiny           ResNet-8 (width 16) on digits, batch 64, 400 steps of SGD+Nesterov.
                  Measured: eval_accuracy 0.98-0.99 on the 360 test images (seeds 0, 1),
                  ~10 s of steps on 2 CPU cores (~40 s with compilation and start-up).
-  hoffer_small   Hoffer et al. 2017's comparison on digits (ResNet-8 w8, SGD momentum 0.9,
-                 16 epochs): the small-batch baseline, B0 = 16, lr 0.05, 1437 steps.
-  hoffer_large   batch 256, same epochs (so 16x fewer steps: 89), same lr, plain BN.
-  hoffer_recipe  batch 256 with the recipe: sqrt LR scaling (lr x sqrt(B/B0) = 0.2), ghost
-                 BN with g = B0, regime adaptation (the small batch's 1437 updates) and the
-                 reference code's gradient clipping at norm 5 (docs/papers.md §6).
-                 `python -m studies.hoffer2017_train_longer.study` runs the three and prints a table
-                 (measured: test accuracy 0.975 / 0.486 / 0.992).
   cifar20 / cifar56   He et al. 2016 §4.2 on `tfds:cifar10` (prepare it with TFDS first):
                  batch 128, SGD momentum 0.9, lr 0.1, weight decay 1e-4, 64k steps (cosine
                  here; the paper divides by 10 at 32k and 48k).
@@ -23,6 +15,7 @@ Variants (digits is built from scikit-learn's bundled copy, no download):
                  `--config.optimizer.name=lars` (or lamb) and their learning rate.
 Ghost BN: `--config.model.ghost_batch_size=G` (0 = BN over the whole batch, which under jit
 is cross-replica BN; -1 = the per-device batch, i.e. replica-local statistics).
+Hoffer et al. 2017's runs on digits: studies/hoffer2017_train_longer/config.py (a sweep).
 """
 from __future__ import annotations
 
@@ -33,8 +26,6 @@ from configs import common
 from data.images import default_image_data_config
 from optimizers.factory import default_optimizer_config, default_schedule_config
 
-DIGITS_TRAIN = 1437  # images in digits' train split (data/digits.py)
-
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict(dict(
@@ -44,22 +35,6 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   return m
 
 
-def _hoffer(batch: int, *, recipe: bool, small_batch: int = 16, epochs: int = 16,
-            lr: float = 0.05) -> dict:
-  """Hoffer et al. 2017 on digits: steps from epochs, or the small batch's (regime adaptation)."""
-  small_steps = epochs * DIGITS_TRAIN // small_batch
-  steps = small_steps if recipe else max(1, epochs * DIGITS_TRAIN // batch)
-  return dict(
-      model=dict(depth=8, width=8, ghost_batch_size=small_batch if recipe else 0),
-      data="digits", global_batch_size=batch, num_steps=steps, lr=lr, warmup=0,
-      # lr x (B/B0)^0.5 (Hoffer et al. §4, `--lr_bb_fix`), clip at 5 (`main_gbn.py`).
-      schedule=dict(batch_size_rule="sqrt" if recipe else "none", base_batch_size=small_batch),
-      optimizer=dict(name="sgd", momentum=0.9, weight_decay=5e-4,
-                     grad_clip_norm=5.0 if recipe else None),
-      eval_every=steps, log_every=max(1, steps // 10), checkpoint_every=steps,
-      eval_batches=3, eval_batch_size=120)
-
-
 _VARIANTS = {
     "tiny": dict(
         model=dict(depth=8, width=16), data="digits", global_batch_size=64, num_steps=400,
@@ -67,9 +42,6 @@ _VARIANTS = {
                                           weight_decay=5e-4),
         eval_every=200, log_every=50, checkpoint_every=400, eval_batches=3,
         eval_batch_size=120),
-    "hoffer_small": _hoffer(16, recipe=False),
-    "hoffer_large": _hoffer(256, recipe=False),
-    "hoffer_recipe": _hoffer(256, recipe=True),
     "cifar20": dict(
         model=dict(depth=20), data="tfds:cifar10", global_batch_size=128, num_steps=64000,
         lr=0.1, warmup=400, optimizer=dict(name="sgd", momentum=0.9, weight_decay=1e-4),
