@@ -140,22 +140,6 @@ def topology_devices(tpu: common.TpuSlice, verbose: bool = False) -> list:
   return list(desc.devices)
 
 
-def make_mesh(mesh_config, devices):
-  """The config's (data, fsdp, tensor, sequence) mesh over the slice, laid out on the ICI."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-  from sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  sizes = mesh_lib.resolve_mesh_shape(mesh_config, len(devices))
-  shape = tuple(sizes[a] for a in mesh_lib.MESH_AXES)
-  try:
-    grid = mesh_utils.create_device_mesh(shape, devices)
-  except (AssertionError, NotImplementedError, ValueError):
-    grid = np.asarray(devices).reshape(shape)
-  auto = (jax.sharding.AxisType.Auto,) * len(shape)
-  return jax.sharding.Mesh(grid, mesh_lib.MESH_AXES, axis_types=auto)
-
-
 def without_data_files(config, vocab_size: int):
   """(config, note): a SentencePiece config without its model file gets `vocab_size` tokens.
 
@@ -267,12 +251,13 @@ def preflight(config, tpu: common.TpuSlice, label: str = "config", vocab_size: i
   prepare_environment()
   import jax  # pylint: disable=g-import-not-at-top
   from train import trainer  # pylint: disable=g-import-not-at-top
+  from sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from sharding import rules as rules_lib  # pylint: disable=g-import-not-at-top
 
   config, note = without_data_files(config, vocab_size)
   devices = topology_devices(tpu, verbose)
   num_processes = len({d.process_index for d in devices})
-  mesh = make_mesh(config.mesh, devices)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
   s = trainer.setup(config, mesh=mesh)
   if s.micro_batch_size % num_processes:
     raise ValueError(f"config.global_batch_size={config.global_batch_size}: micro-batch "

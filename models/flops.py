@@ -73,6 +73,18 @@ def device_peak_flops(device=None) -> float | None:
   return None
 
 
+def peak_flops(override: float = 0.0) -> float | None:
+  """FLOP/s per device for MFU, the one source every caller uses: `override`
+  (config.device_peak_flops) when > 0, else the device's datasheet peak, else on CPU a
+  measured matmul peak shared by the local devices; None when none is known."""
+  if override:
+    return override
+  peak = device_peak_flops()
+  if peak is None and jax.default_backend() == "cpu":
+    peak = measure_matmul_peak(seconds=0.5) / len(jax.local_devices())
+  return peak
+
+
 def measure_matmul_peak(n: int = 1024, dtype=jnp.float32, seconds: float = 1.0) -> float:
   """Measured FLOP/s of a square jitted matmul on the default device (the CPU's 'peak')."""
   a = jnp.ones((n, n), dtype)

@@ -20,6 +20,7 @@ from absl import logging
 from sharding import rules as rules_lib
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+TRIALS = "trials"  # the leading axis of vectorised sweep trials (train/vectorized.py)
 
 
 def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
@@ -50,15 +51,27 @@ def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-  """Builds the (data, fsdp, tensor, sequence) mesh; ICI-aware via jax.make_mesh."""
-  devices = jax.devices() if devices is None else devices
-  sizes = resolve_mesh_shape(mesh_config, len(devices))
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+def make_mesh(mesh_config, devices=None, *, trial_shards: int = 0) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor, sequence) mesh over `devices` (default: all), ICI-aware.
+
+  Every mesh of the project comes from here: the trainer's, the TPU preflight's (a slice's
+  devices) and vectorised sweeps' (trial_shards > 0: a leading `trials` axis of that many
+  device groups, each laid out by mesh_config). jax.make_mesh places the axes on the
+  physical topology; device sets it cannot lay out are reshaped in order.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if trial_shards < 0 or len(devices) % max(trial_shards, 1):
+    raise ValueError(f"config.vectorized.trial_shards={trial_shards}: must divide the "
+                     f"{len(devices)} devices.")
+  sizes = resolve_mesh_shape(mesh_config, len(devices) // max(trial_shards, 1))
+  shape, names = tuple(sizes[a] for a in MESH_AXES), MESH_AXES
+  if trial_shards:
+    shape, names = (trial_shards,) + shape, (TRIALS,) + names
+  auto = (jax.sharding.AxisType.Auto,) * len(names)
+  try:
+    return jax.make_mesh(shape, names, devices=devices, axis_types=auto)
+  except (AssertionError, NotImplementedError, ValueError):
+    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), names, axis_types=auto)
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:

@@ -16,7 +16,6 @@ import math
 import os
 import time
 
-import jax
 from absl import logging
 
 from models import flops as flops_lib
@@ -51,10 +50,6 @@ class Preempted(Exception):
   """SIGTERM: the trial checkpointed and stopped; re-queue it without using a retry."""
 
 
-def _cpu_peak_flops() -> float:
-  if flops_lib.device_peak_flops() is not None:
-    return 0.0  # the trainer knows the accelerator's peak
-  return flops_lib.measure_matmul_peak(seconds=0.5) / len(jax.local_devices())
 
 
 class Runner:
@@ -77,7 +72,7 @@ class Runner:
       mesh = vectorized.trial_mesh(config.base.mesh, shards or None)
     self.programs = programs_lib.Programs(mesh)
     self._cells: list[str] = []
-    self.peak = _cpu_peak_flops()
+    self.peak = flops_lib.peak_flops() or 0.0  # measured once per worker on CPU
 
   @property
   def group_size(self) -> int:

@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from batch_size import controllers as bs_lib
+from models import flops as flops_lib
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
 from train import preemption as preemption_lib
@@ -280,7 +281,7 @@ def _write_rows(sinks, step, state, data_it, meta, flags, extra, evals, step_fn,
 def _loop(s, trials, sinks, step_fn, state, step, meta, data_it, hooks):
   """Steps until num_steps (or max_tokens), every trial diverged or stopped, or SIGTERM."""
   cfg = trials[0].config
-  peak = trainer.peak_flops(cfg)
+  peak = flops_lib.peak_flops(cfg.device_peak_flops)
   timer = metrics_lib.StepTimer()
   eval_steps = frozenset(cfg.get("eval_steps") or ())  # extra evals (sweeps: log-spaced)
   pending, window_examples, compiling = None, 0, True

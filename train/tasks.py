@@ -11,7 +11,6 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -145,23 +144,24 @@ def mlm_task(config) -> Task:
   )
 
 
-def _ghost_batch_size(config) -> int:
+def _ghost_batch_size(config, mesh) -> int:
   """config.model.ghost_batch_size, with -1 meaning the per-device batch (local BN stats)."""
   g = config.model.ghost_batch_size
   if g != -1:
     return g
-  sizes = mesh_lib.resolve_mesh_shape(config.mesh, jax.device_count())
-  return (config.micro_batch_size or config.global_batch_size) // (sizes["data"] * sizes["fsdp"])
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+  return (config.micro_batch_size or config.global_batch_size) // mesh_lib.data_parallel_size(mesh)
 
 
-def image_task(config) -> Task:
+def image_task(config, mesh=None) -> Task:
   """Image classification with a ResNet: cross entropy; eval also reports `eval_accuracy`.
 
-  An image counts as one "token" in the throughput metrics (tokens_per_example = 1).
+  An image counts as one "token" in the throughput metrics (tokens_per_example = 1). `mesh`
+  (the program's) sets the per-device batch of ghost batch norm's -1.
   """
   info = images_lib.image_info(config.data)
   model_config = config.model.to_dict()
-  model_config["ghost_batch_size"] = g = _ghost_batch_size(config)
+  model_config["ghost_batch_size"] = g = _ghost_batch_size(config, mesh)
   mb = config.micro_batch_size or config.global_batch_size
   if g < 0 or (g and mb % g) or (g == 0 and config.model.ghost_batch_size):
     raise ValueError(f"config.model.ghost_batch_size={config.model.ghost_batch_size} must "
@@ -191,7 +191,8 @@ def image_task(config) -> Task:
       make_model=lambda rngs: resnet.ResNet(cfg, rngs=rngs),
       loss_fn=loss_fn,
       eval_fn=eval_fn,
-      train_iterator=lambda b, p, n, seed=None: iterator(config.data.train_split, b, p, n, _seed(config, seed)),
+      train_iterator=lambda b, p, n, seed=None: iterator(config.data.train_split, b, p, n,
+                                                         _seed(config, seed)),
       eval_iterator=lambda b, p, n: iterator(config.data.eval_split, b, p, n, config.seed),
       batch_axes={"image": ("batch", None, None, None), "label": ("batch",)},
       flops_per_example=flops_lib.resnet_train_flops_per_example(cfg, info["height"],
@@ -230,7 +231,10 @@ def check_eval_split(config, task: Task) -> None:
   del it
 
 
-def make_task(config) -> Task:
+def make_task(config, mesh=None) -> Task:
+  """The config's task; `mesh` is the program's (default: config.mesh over all devices)."""
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r} is not valid; choose one of {sorted(TASKS)}.")
+  if config.task == "image":
+    return image_task(config, mesh)
   return TASKS[config.task](config)

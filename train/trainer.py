@@ -21,7 +21,6 @@ import optax
 from flax import nnx
 
 from train import tasks as tasks_lib
-from models import flops as flops_lib
 from models import mup as mup_lib
 from batch_size import controllers as bs_lib
 from batch_size import norm_tests
@@ -151,7 +150,7 @@ def setup(config, mesh=None) -> Program:
   validate_loop(config)
   mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
   rules = rules_lib.as_rules(config.logical_axis_rules)
-  task = tasks_lib.make_task(config)
+  task = tasks_lib.make_task(config, mesh)
   mb, k = validate_batch(config, mesh)
   controller = make_batch_controller(config, mb)
   lr_fn = opt_factory.learning_rate_fn(config.schedule)
@@ -431,16 +430,6 @@ def evaluate(s: Program, eval_step, state) -> dict[str, np.ndarray]:
     if key.endswith("_sum") and key != "loss_sum":
       result["eval_" + key[:-4]] = np.asarray(value / sums["count"], np.float64)
   return result
-
-
-def peak_flops(config) -> float | None:
-  """config.device_peak_flops, else the device's datasheet peak, else (CPU) a measured one."""
-  if config.device_peak_flops:
-    return config.device_peak_flops
-  peak = flops_lib.device_peak_flops()
-  if peak is None and jax.default_backend() == "cpu":
-    peak = flops_lib.measure_matmul_peak(seconds=0.5) / len(jax.local_devices())
-  return peak
 
 
 class StepRunner:

@@ -25,22 +25,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from train import trainer
 from sharding import mesh as mesh_lib
 
-TRIALS = "trials"
+TRIALS = mesh_lib.TRIALS
 
 
 def trial_mesh(mesh_config, trial_shards: int | None = None, devices=None) -> jax.sharding.Mesh:
   """(trials, data, fsdp, tensor, sequence) mesh: trial_shards groups (None: one per device),
-  each laid out by mesh_config over its share of the devices."""
+  each laid out by mesh_config over its share of the devices (sharding/mesh.py)."""
   devices = list(jax.devices() if devices is None else devices)
-  shards = trial_shards or len(devices)
-  if shards < 1 or len(devices) % shards:
-    raise ValueError(f"config.vectorized.trial_shards={trial_shards}: must divide the "
-                     f"{len(devices)} devices.")
-  sizes = mesh_lib.resolve_mesh_shape(mesh_config, len(devices) // shards)
-  shape = (shards,) + tuple(sizes[a] for a in mesh_lib.MESH_AXES)
-  names = (TRIALS,) + mesh_lib.MESH_AXES
-  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), names,
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+  return mesh_lib.make_mesh(mesh_config, devices, trial_shards=trial_shards or len(devices))
 
 
 def _trial_axis(s: trainer.Program) -> str | None:

@@ -171,7 +171,7 @@ def test_layout_choice():
 def test_sweep_driver_measures_the_layout(sequential, tmp_path):
   """run_sweep with layout='measure' claims a cell's learning rates as one group, times both
   layouts on it, keeps the faster in the store for every later worker, and trains (on all 8
-  devices, data parallel) to the same losses as trainer.train."""
+  devices, data parallel) to the same losses as the one-trial runs."""
   config = _sweep_config()
   config.grid.models = ((16, 1),)
   config.grid.tokens = (4096,)
@@ -188,7 +188,7 @@ def test_sweep_driver_measures_the_layout(sequential, tmp_path):
     assert (max(starts) - min(starts)).total_seconds() < 2  # one claim, one program
   rows = {r["lr"]: r for r in store.rows()}
   assert rows[1e6]["status"] == "diverged"
-  for lr, (seq_loss, seq_eval) in zip(LRS, sequential):
+  for lr, (seq_loss, seq_eval, _, _) in zip(LRS, sequential):
     row = rows[lr]
     assert row["status"] == "ok" and row["loss"] == pytest.approx(seq_eval[16], rel=1e-4)
     assert row["curve"]["steps"] == list(seq_eval)
