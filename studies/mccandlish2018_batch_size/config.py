@@ -2,8 +2,8 @@ r"""Batch-size study sweep: fixed batches and adaptive batch-size control to one
 
   python -m sweep --config=studies/mccandlish2018_batch_size/config.py:tiny --workdir=/tmp/bs_study
 
-McCandlish et al. 2018 (steps versus examples to a target loss, docs/papers.md) with the
-noise-scale controller and AdAdaGrad's norm test (Lau et al. 2024): one trial per fixed batch
+McCandlish et al. 2018 (steps versus examples to a target loss, docs/papers.md §9.8) with the
+noise-scale controller and AdAdaGrad's norm test (Lau et al. 2024, §3): one trial per fixed batch
 size in `fixed`, one noise_scale run (from 2 x micro) and one norm_test run (from micro); each
 stops when the EMA (decay base.stop_loss_ema) of its training loss reaches `target`
 (studies/mccandlish2018_batch_size/study.py writes the table and plot to <workdir>/report/).

@@ -6,15 +6,15 @@ r"""Steps and tokens to a target loss: fixed batch sizes against adaptive batch-
 
 A sweep study (sweep/runner.py): `points(config)` is one trial per run, `analyse(rows, config,
 out_dir)` the table and plot. The runs train the LM with several fixed batch sizes (the
-steps-versus-examples trade-off of McCandlish et al. 2018, Fig. 3: S = S_min(1 + B_crit/B),
-E = E_min(1 + B/B_crit)), with the noise-scale controller (batch ∝ B_simple) and with
-AdAdaGrad's norm test (Lau et al. 2024), all to the same target loss: each stops (the
-trainer's `stop_at_loss`) at the first step whose EMA of the training loss reaches it, so
-its stored `steps` and last logged row (`final`) are the steps, tokens and batch at the
-target. The learning rate follows the batch through the square-root rule (Hoffer et al.
-2017; Granziol et al. 2022 for Adam) from batch 8. Writes `batch_size_study.md` (table),
-`.json` and `.png` (plot) to <workdir>/report/. Config: studies/mccandlish2018_batch_size/
-config.py.
+steps-versus-examples trade-off of McCandlish et al. 2018, Fig. 3, docs/papers.md §9.8:
+S = S_min(1 + B_crit/B), E = E_min(1 + B/B_crit)), with the noise-scale controller (batch ∝
+B_simple) and with AdAdaGrad's norm test (Lau et al. 2024, §3), all to the same target loss.
+Each stops (the trainer's `stop_at_loss`) at the first step whose EMA of the training loss
+reaches it, so its stored `steps` and last logged row (`final`) are the steps, tokens and
+batch at the target. The learning rate follows the batch through the square-root rule
+(Hoffer et al. 2017, §6; Granziol et al. 2022 for Adam, §5) from batch 8. Writes
+`batch_size_study.md` (table), `.json` and `.png` (plot) to <workdir>/report/. Config:
+studies/mccandlish2018_batch_size/config.py.
 """
 from __future__ import annotations
 
@@ -123,10 +123,10 @@ def write_outputs(table, out_dir, target, seq_len, *, ema=0.9, n_boot=200, stopp
     lines.append(f"| {r['run']} | {fmt(r['steps'])} | {fmt(r['tokens'])} | {r['final_batch']} "
                  f"| {r['final_loss']:.3f} | {fmt(r['noise_scale'], '{:.1f}', '—')} |")
   if fit is not None:
-    p = fit.params
+    p, (lo, hi) = fit.params, fit.intervals["B_crit"]
     lines.append(f"\nFixed-batch fit of S = S_min(1 + B_crit/B) (McCandlish et al. 2018): "
                  f"S_min = {p['S_min']:.0f} steps, B_crit = {p['B_crit']:.1f} sequences "
-                 f"(95% interval {fit.intervals['B_crit'][0]:.1f}–{fit.intervals['B_crit'][1]:.1f}).")
+                 f"(95% interval {lo:.1f}–{hi:.1f}).")
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "batch_size_study.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
