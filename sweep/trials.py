@@ -1,14 +1,15 @@
-"""Running claimed trials: setups shared per cell, the layouts, the stored results.
+"""Running claimed trials: one compiled program per cell, the layouts, the stored results.
 
-Compiles. Trials that differ only in learning rate (and seed) share one `trainer.Program` whose
-schedule has peak_lr = 1: the trial's lr is the runtime `lr_scale`. Programs of the same model
-and optimizer (other B or D) also share the compiled init and eval step, so a sweep compiles
-one train step per (N, D, B) cell. Workers prefer trials of cells they have compiled.
+Compiles. Trials that differ only in learning rate (and seed) share one `trainer.Program`
+(train/programs.py) whose schedule has peak_lr = 1: the trial's lr is the runtime
+`lr_scale`. Programs of the same model and optimizer (other B or D) also share the compiled
+init and eval step, so a sweep compiles one train step per (N, D, B) cell. Workers prefer
+trials of cells they have compiled.
 
-Layouts. 'sequential' runs each trial with `trainer.train`; 'vectorized' trains the learning
-rates of one cell together (`train.vectorized`); 'measure' times both on the first cell
-and keeps the faster for the whole sweep (recorded in the store); 'auto' is vectorised on
-accelerators and 'measure' on CPU, where either can win (see `choose_layout`).
+Layouts. Both run the one training loop (`train.loop.run`): 'sequential' with one trial at
+a time, 'vectorized' with the learning rates of one cell together (`train.vectorized`);
+'measure' times both on the first cell and keeps the faster for the whole sweep (recorded
+in the store); 'auto' is vectorised on every backend (see `choose_layout`).
 """
 from __future__ import annotations
 

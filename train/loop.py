@@ -2,7 +2,7 @@
 
   outs = loop.run(setup, [loop.Trial(config, workdir), ...])
 
-With one trial this is a plain training run (`trainer.train`): fixed or adaptive batch size,
+With one trial this is a plain training run (`loop.train`): fixed or adaptive batch size,
 evals, checkpoints, resume, `init_from`, preemption. With K trials the state gets a leading
 trial axis and the step is `jax.vmap`ed over it (train/vectorized.py): the trials share the
 program (model, batch size, schedule shape, data order) and differ only in runtime inputs,

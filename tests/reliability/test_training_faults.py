@@ -249,7 +249,7 @@ def test_failed_checkpoint_write_stops_with_one_line_and_keeps_the_previous(
 
 
 # ----------------------------------------------------------------------------------------
-# In-process: disk full and poisoned batches through trainer.train (one compiled Program).
+# In-process: disk full and poisoned batches through loop.train (one compiled Program).
 
 
 @pytest.fixture(scope="module")
