@@ -20,7 +20,7 @@ import time
 from absl import logging
 
 from models import flops as flops_lib
-from sweep import grid
+from sweep import point as point_lib
 from sweep import store as store_lib
 from train import loop
 from train import programs as programs_lib
@@ -80,13 +80,13 @@ class Runner:
     """Trials per claim: 1, or a vectorised program's K (a cell's learning rates)."""
     if self.layout == "sequential":
       return 1
-    return self.config.vectorized.max_trials or len(grid.learning_rates(self.config.grid))
+    return self.config.vectorized.max_trials  # the largest group (sweep/runner.py)
 
   def trial_dir(self, trial) -> str:
     return os.path.join(self.workdir, "trials", str(store_lib.TrialStore.root(trial)))
 
   def run(self, trials) -> list[dict | BaseException]:
-    points = [grid.Point.from_dict(t.user_attrs["point"]) for t in trials]
+    points = [store_lib.read_point(t.user_attrs["point"], self.config) for t in trials]
     if self.layout == "measure":
       self.layout = self._measure(points[0])
       if self.store is not None:
@@ -97,10 +97,10 @@ class Runner:
       return self._run_vectorized(trials, points)
     return [self._run_one(t, p) for t, p in zip(trials, points)]
 
-  def program(self, point: grid.Point):
+  def program(self, point: point_lib.Point):
     """The compiled program of a point's cell (lr- and seed-free: runtime inputs)."""
     self._cells = [c for c in self._cells if c != point.cell][-7:] + [point.cell]
-    return self.programs.get(grid.trial_config(self.config, point), same_init=point.model)
+    return self.programs.get(point_lib.trial_config(self.config, point), same_init=point.model)
 
   def cells(self) -> list[str]:
     """The cells whose programs were compiled last (a worker claims their trials first)."""
@@ -114,7 +114,7 @@ class Runner:
 
   def _run_group(self, trials, points, layout: str) -> list[dict | BaseException]:
     """Trains the trials of one cell through the one loop (K = 1, or K vectorised)."""
-    cfgs = [grid.trial_config(self.config, p, device_peak_flops=self.peak) for p in points]
+    cfgs = [point_lib.trial_config(self.config, p, device_peak_flops=self.peak) for p in points]
     runs = [loop.Trial(c, self.trial_dir(t)) for c, t in zip(cfgs, trials)]
     start = time.perf_counter()
     try:
@@ -130,7 +130,7 @@ class Runner:
 
   def _measure(self, point) -> str:
     from train import vectorized  # pylint: disable=g-import-not-at-top
-    k = self.config.vectorized.max_trials or len(grid.learning_rates(self.config.grid))
+    k = self.group_size
     times = vectorized.step_times(self.program(point), k, steps=10)
     layout = "vectorized" if times["vectorized"] < times["sequential"] else "sequential"
     logging.info("layout: %s (K=%d steps: sequential %.1f ms, vectorised %.1f ms)", layout, k,

@@ -18,7 +18,6 @@ ENTRY_POINTS = {
     "laws.fit": ("--config", "--csv", "--mapping"),
     "laws.predict": ("--family", "--laws", "--params"),
     "studies.you2020_large_batch.study": ("--config", "--workdir"),
-    "studies.mccandlish2018_batch_size.study": ("--base_lr", "--max_batch"),
     "studies.yang2022_mup.study": ("--config", "--workdir"),
     "studies.hoffer2017_train_longer.study": ("--override", "--workdir"),
     "launch.tpu_vm": ("--config", "--accelerator"),
