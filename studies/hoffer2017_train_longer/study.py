@@ -10,8 +10,8 @@ Three points of the config's `base` (ResNet-8, width 8, SGD momentum 0.9; docs/p
                  (g = 16), regime adaptation (1437 steps, as many as the small batch) and
                  gradient clipping at norm 5.
 Each point is one trial in the sweep's store: the driver's workers, retries and resume apply
-(re-running the command never re-runs a finished run; a killed one resumes from its
-checkpoint). `analyse` writes report/hoffer.md, a markdown table of the final test accuracy
+(re-running the command never re-runs a finished run; a killed one is retried, from scratch:
+each run checkpoints only at its end, as before). `analyse` writes report/hoffer.md, a markdown table of the final test accuracy
 (all 360 test images), test loss and steps, and logs it. Any run's field:
 `--config.ghost_batch_size=32` (the recipe), `--config.base.optimizer.weight_decay=1e-3` (all).
 """
