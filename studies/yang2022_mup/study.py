@@ -1,22 +1,23 @@
 r"""μP checks: the coordinate check and learning-rate transfer across width (Yang et al. 2022).
 
   nice -n 10 python -m studies.yang2022_mup.study \
+      --config=studies/yang2022_mup/config.py:coord --workdir=/tmp/mup_coord
+  nice -n 10 python -m sweep \
       --config=studies/yang2022_mup/config.py:transfer --workdir=/tmp/mup_transfer
-  (`:coord` for the coordinate check, `:tiny` for a smoke test of both)
+  (`:tiny` for a smoke test of either)
 
-Writes to the workdir (see studies/yang2022_mup/config.py for the measured results):
-  coord_check.md, coord_check.png   mean |x| of every layer's output (embedding, attention, MLP,
-      residual stream, logits) after `coord.steps` optimizer steps, for widths 64..1024,
-      standard against μP (the mup package's "coord check").
-  transfer.md, transfer.png, transfer.json   final eval loss of a learning-rate sweep (×2 grid)
-      per width, standard against μP, with the argmin per width. `transfer.json` is written after
-      every (parametrization, width), and a re-run skips what it holds.
+The coordinate check (this module's entry point) runs the decoder directly, one jitted step
+per width, no data pipeline, and writes to the workdir:
+  coord_check.md, coord_check.png, coord_check.json   mean |x| of every layer's output
+      (embedding, attention, MLP, residual stream, logits) after `coord.steps` optimizer
+      steps, for widths 64..1024, standard against μP (the mup package's "coord check").
 
-The coordinate check runs the decoder directly (one jitted step, no data pipeline); the
-transfer sweep runs the trainer's own pieces (`trainer.setup`, `init_state`,
-`make_train_step`), so it exercises the same μP optimizer a `train` or sweep run
-builds from `config.model.parametrization='mup'`. The lr is the trainer's runtime `lr_scale`:
-one compile per (parametrization, width).
+The lr transfer is a sweep study (sweep/runner.py): `points` gives one trial per
+(parametrization, width, lr), the lr as the runtime `lr_scale`, so each width's lrs train as
+one vectorised program of the trainer (the same μP optimizer a `train` run builds from
+`config.model.parametrization='mup'`) with the sweep's workers, retries and resume; `analyse`
+writes <workdir>/report/transfer.md and transfer.png: the final eval loss per width × lr
+(×2 grid), standard against μP, with the argmin per width (Yang et al. 2022, Fig. 1).
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -37,6 +37,7 @@ from flax import nnx
 from models import mup
 from models import transformer
 from optimizers import factory
+from sweep import point as point_lib
 
 PARAMETRIZATIONS = ("standard", "mup")
 
@@ -191,36 +192,72 @@ def plot_coord_check(all_results: dict, path: str, steps_to_plot=(1, -1)) -> Non
 # Learning-rate transfer across width
 # ----------------------------------------------------------------------------------------------
 
-def run_config(config, parametrization: str, width: int) -> ml_collections.ConfigDict:
-  """The trainer config of one (parametrization, width) cell of the sweep."""
-  c = ml_collections.ConfigDict(config.train.to_dict())
-  c.model.parametrization = parametrization
-  c.model.d_model = width
-  c.model.mlp_dim = config.mlp_ratio * width
-  c.model.base_d_model = config.base_d_model
-  c.model.readout_zero_init = config.readout_zero_init  # read by models.transformer
-  return c
+def lr_grid(transfer) -> list[float]:
+  """The sweep's learning rates: transfer.lr_center * 2^k, k = lr_low..lr_high."""
+  return [float(transfer.lr_center * 2.0 ** k)
+          for k in range(transfer.lr_low, transfer.lr_high + 1)]
 
 
-def train_losses(config, parametrization: str, width: int, lrs, workdir: str) -> dict:
-  """{lr: final eval loss (NaN if the run diverged)} for one width: the learning rates train
-  as K vectorised trials of one program (train/loop.py), the same batches for every lr."""
-  from train import loop  # pylint: disable=g-import-not-at-top
-  from train import trainer  # pylint: disable=g-import-not-at-top
-  c = run_config(config, parametrization, width)
-  c.eval_every = c.checkpoint_every = c.num_steps  # one eval, at the end
-  s = trainer.setup(c)
-  trials = []
-  for lr in lrs:
-    t = ml_collections.ConfigDict(c.to_dict())
-    t.lr_scale = lr / c.schedule.peak_lr
-    trials.append(loop.Trial(t, os.path.join(workdir, f"lr_{lr:.6g}")))
-  out = {}
-  for lr, result in zip(lrs, loop.run(s, trials)):
-    loss = result.get("eval_loss", math.nan) if result["status"] == "done" else math.nan
-    out[lr] = loss if math.isfinite(loss) else float("nan")
-    logging.info("%s d=%d lr=%.3g: eval loss %.4f", parametrization, width, lr, out[lr])
+def cell_overrides(config, parametrization: str, width: int) -> dict:
+  """The trainer-config overrides of one (parametrization, width) cell of the sweep."""
+  return {"model.parametrization": parametrization, "model.d_model": int(width),
+          "model.mlp_dim": int(config.transfer.mlp_ratio * width)}
+
+
+def points(config) -> list[point_lib.Point]:
+  """One sweep point per (parametrization, width, lr): cell = (parametrization, width), the
+  lr the runtime lr_scale over the schedule's peak, so a width's lrs train vectorised on the
+  same batches (Yang et al. 2022, Fig. 1: the loss-vs-lr curve per width)."""
+  t = config.transfer
+  if not t.enabled:
+    raise ValueError(f"config.transfer.enabled=False (the :{config.variant} variant): the "
+                     "coordinate check runs with `python -m studies.yang2022_mup.study`.")
+  bad = sorted(set(t.parametrizations) - set(PARAMETRIZATIONS))
+  if bad or not t.parametrizations:
+    raise ValueError(f"config.transfer.parametrizations={tuple(t.parametrizations)}: choose "
+                     f"from {list(PARAMETRIZATIONS)}.")
+  if not t.widths or min(t.widths) < 1 or t.lr_high < t.lr_low:
+    raise ValueError(f"config.transfer: widths={tuple(t.widths)} (positive) and "
+                     f"lr_low={t.lr_low} <= lr_high={t.lr_high} needed.")
+  peak = float(config.base.schedule.peak_lr)
+  out = []
+  for name in t.parametrizations:
+    for width in t.widths:
+      cell = f"{name}-d{width}"
+      for lr in lr_grid(t):
+        out.append(point_lib.Point(
+            f"{cell}-lr{lr:.6g}", cell_overrides(config, name, width), lr_scale=lr / peak,
+            cell=cell, row={"parametrization": name, "width": int(width), "lr": lr}))
   return out
+
+
+def final_eval_loss(row: dict) -> float:
+  """A row's final eval loss; NaN unless it finished 'ok' with a finite one. A trial retried
+  after its worker died past the last step reports no loss, only its eval curve (whose last
+  point is the eval at num_steps, base.eval_every = num_steps): read from there."""
+  if row.get("status") != "ok":
+    return math.nan
+  loss = float(row.get("loss", math.nan))
+  curve = row.get("curve") or {}
+  if not math.isfinite(loss) and curve.get("steps") and curve["steps"][-1] == row.get("steps"):
+    loss = float(curve["losses"][-1])
+  return loss if math.isfinite(loss) else math.nan
+
+
+def transfer_results(rows, config) -> dict:
+  """{parametrization: {width: {lr: final eval loss}}} from the sweep's rows, in the config's
+  order; a diverged, failed or missing point is NaN."""
+  lrs = lr_grid(config.transfer)
+  found = {(r["parametrization"], int(r["width"]), float(r["lr"])): r for r in rows}
+  results = {}
+  for name in config.transfer.parametrizations:
+    results[name] = {}
+    for width in config.transfer.widths:
+      losses = {}
+      for lr in lrs:
+        losses[lr] = final_eval_loss(found.get((name, int(width), lr), {}))
+      results[name][int(width)] = losses
+  return results
 
 
 def argmin_lr(losses: dict) -> float | None:
@@ -244,7 +281,8 @@ def transfer_markdown(results: dict, lrs) -> str:
         v = losses.get(lr, float("nan"))
         text = "div" if not math.isfinite(v) else f"{v:.3f}"
         cells.append(f"**{text}**" if lr == best[width] else text)
-      lines.append(f"| {width} | " + " | ".join(cells) + f" | {best[width]:.3g} |")
+      best_text = "-" if best[width] is None else f"{best[width]:.3g}"
+      lines.append(f"| {width} | " + " | ".join(cells) + f" | {best_text} |")
     found = [b for b in best.values() if b is not None]
     if found:
       shift = round(math.log2(max(found) / min(found)))
@@ -287,65 +325,41 @@ def plot_transfer(results: dict, path: str) -> None:
   plt.close(fig)
 
 
-def _lr_grid(config) -> list[float]:
-  return [float(config.lr_center * 2.0 ** k) for k in range(config.lr_low, config.lr_high + 1)]
-
-
-def transfer_sweep(config, workdir: str) -> dict:
-  """{parametrization: {width: {lr: loss}}}; resumes from workdir/transfer.json."""
-  path = os.path.join(workdir, "transfer.json")
-  stored = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
-  lrs = _lr_grid(config)
-  results = {}
-  for name in config.parametrizations:
-    results[name] = {}
-    for width in config.widths:
-      key = f"{name}/{width}"
-      done = stored.setdefault(key, {})
-      missing = [lr for lr in lrs if repr(lr) not in done]  # a wider grid runs only new lrs
-      if missing:
-        start = time.time()
-        losses = train_losses(config, name, width, missing, os.path.join(workdir, name, str(width)))
-        done.update({repr(lr): v for lr, v in losses.items()})
-        logging.info("%s: %.0f s", key, time.time() - start)
-        with open(path, "w") as f:
-          json.dump(stored, f, indent=1)
-      results[name][width] = {lr: done[repr(lr)] for lr in lrs}
-  return results
+def analyse(rows, config, out_dir: str) -> dict:
+  """Writes transfer.md (width × lr tables, argmin per width) and transfer.png to out_dir;
+  returns {parametrization: {width: best lr}} (Yang et al. 2022, Fig. 1)."""
+  from train import files  # pylint: disable=g-import-not-at-top
+  results = transfer_results(rows, config)
+  text = transfer_markdown(results, lr_grid(config.transfer))
+  os.makedirs(out_dir, exist_ok=True)
+  files.atomic_write(os.path.join(out_dir, "transfer.md"), text)
+  plot_transfer(results, os.path.join(out_dir, "transfer.png"))
+  logging.info("lr transfer across width:\n%s", text)
+  return {name: {w: argmin_lr(losses) for w, losses in per_width.items()}
+          for name, per_width in results.items()}
 
 
 def run(config, workdir: str) -> dict:
-  """Coordinate check then transfer sweep (each skipped when its config block is disabled)."""
+  """The coordinate check: coord_check.md, .json and .png in workdir."""
+  if not config.coord.enabled:
+    raise ValueError(f"config.coord.enabled=False (the :{config.variant} variant): the lr "
+                     "transfer is a sweep: `python -m sweep --config=studies/yang2022_mup/"
+                     f"config.py:{config.variant} --workdir=...`.")
   os.makedirs(workdir, exist_ok=True)
-  out = {}
-  if config.coord.enabled:
-    cc = config.coord
-    start = time.time()
-    coord = {name: coord_check(name, cc.widths, steps=cc.steps, lr=cc.lr,
-                               optimizer=cc.optimizer, base_d_model=cc.base_d_model,
-                               num_layers=cc.num_layers, batch_size=cc.batch_size,
-                               seq_len=cc.seq_len)
-             for name in PARAMETRIZATIONS}
-    with open(os.path.join(workdir, "coord_check.md"), "w") as f:
-      f.write(coord_check_markdown(coord))
-    with open(os.path.join(workdir, "coord_check.json"), "w") as f:
-      json.dump({n: {str(w): v for w, v in r.items()} for n, r in coord.items()}, f, indent=1)
-    plot_coord_check(coord, os.path.join(workdir, "coord_check.png"))
-    logging.info("coordinate check: %.0f s\n%s", time.time() - start, coord_check_markdown(coord))
-    out["coord"] = coord
-  if config.transfer.enabled:
-    start = time.time()
-    results = transfer_sweep(config.transfer, workdir)
-    text = transfer_markdown(results, _lr_grid(config.transfer))
-    with open(os.path.join(workdir, "transfer.md"), "w") as f:
-      f.write(text)
-    plot_transfer(results, os.path.join(workdir, "transfer.png"))
-    logging.info("transfer sweep: %.0f s\n%s", time.time() - start, text)
-    out["transfer"] = results
-  return out
+  cc = config.coord
+  start = time.time()
+  coord = {name: coord_check(name, cc.widths, steps=cc.steps, lr=cc.lr,
+                             optimizer=cc.optimizer, base_d_model=cc.base_d_model,
+                             num_layers=cc.num_layers, batch_size=cc.batch_size,
+                             seq_len=cc.seq_len)
+           for name in PARAMETRIZATIONS}
+  with open(os.path.join(workdir, "coord_check.md"), "w") as f:
+    f.write(coord_check_markdown(coord))
+  with open(os.path.join(workdir, "coord_check.json"), "w") as f:
+    json.dump({n: {str(w): v for w, v in r.items()} for n, r in coord.items()}, f, indent=1)
+  plot_coord_check(coord, os.path.join(workdir, "coord_check.png"))
+  logging.info("coordinate check: %.0f s\n%s", time.time() - start, coord_check_markdown(coord))
+  return coord
 
 
 def main(argv):
