@@ -13,9 +13,10 @@ whose members stand at the same step, and each returns its result forward:
   {'status': 'done' | 'diverged' | 'preempted' | 'stopped', 'step', 'error' (diverged),
    last logged metrics..., 'curve': {'steps': [...], 'losses': [...]}}
 
-`curve` is the eval loss at every evaluated step of the whole run (kept in the checkpoints'
-metadata, so a resumed run returns the steps before its restart too); nothing re-reads
-metrics.jsonl.
+`curve` is the eval loss at every evaluated step of the whole run, and the last metrics are
+the last logged row; both are kept in the checkpoints' metadata, so a resumed run returns
+the steps before its restart too (and a finished run resumed returns its result again);
+nothing re-reads metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -135,8 +136,9 @@ class _Sink:
                   "losses": self.curve["losses"] + [loss if math.isfinite(loss) else None]}
 
   def save(self, step, state, data_it, meta) -> None:
-    self.checkpointer.save(step, state, data_it,
-                           dict(meta, config_hash=self.hash, curve=self.curve), force=True)
+    self.checkpointer.save(step, state, data_it, dict(meta, config_hash=self.hash,
+                                                      curve=self.curve, last=self.last),
+                           force=True)
 
   def close(self) -> None:
     self.checkpointer.close()
@@ -163,8 +165,9 @@ def _resume_or_init(s, trials, sinks, data_it, stack):
   cfg = trials[0].config
   meta = {"tokens": 0, "examples": 0}
   if any(restored):
-    for sink, r in zip(sinks, restored):
+    for sink, r in zip(sinks, restored):  # a finished run resumed returns its result again
       sink.curve = r[2].get("curve") or _empty_curve()
+      sink.last = dict(r[2].get("last") or {})
     meta = {k: restored[0][2][k] for k in ("tokens", "examples")}
     states = [r[1] for r in restored]
     logging.info("resumed from step %d in %s", int(states[0]["step"]), trials[0].workdir)

@@ -19,7 +19,6 @@ ENTRY_POINTS = {
     "laws.predict": ("--family", "--laws", "--params"),
     "studies.you2020_large_batch.study": ("--config", "--workdir"),
     "studies.yang2022_mup.study": ("--config", "--workdir"),
-    "studies.hoffer2017_train_longer.study": ("--override", "--workdir"),
     "launch.tpu_vm": ("--config", "--accelerator"),
     "launch.preflight": ("--config", "--topology"),
     "launch.gpu_node": ("--config", "--cuda"),

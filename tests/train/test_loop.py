@@ -55,3 +55,7 @@ def test_resumed_run_returns_the_whole_eval_curve(program, tmp_path):
   assert out["status"] == "done" and out["curve"]["steps"] == [4, 8]
   assert out["curve"]["losses"][0] == pytest.approx(first["curve"]["losses"][0])
   assert out["curve"]["losses"][1] == pytest.approx(out["eval_loss"])
+  # Resumed once finished (a sweep worker killed before it stored the result): the same result.
+  again = loop.train(_config(program), str(tmp_path), setup_=program)
+  assert again["eval_loss"] == out["eval_loss"] and again["curve"] == out["curve"]
+  assert again["loss"] == out["loss"] and again["step"] == 8
