@@ -18,8 +18,9 @@ Variants:
 Any field: `config.py:transfer,transfer.widths=(32,64)` or `--config.base.num_steps=300`
 (set `base.schedule.warmup_steps` with it).
 
-Measured on a 2-core CPU shared with other jobs (load 8-16), before the sweep driver ran it:
-  transfer  560 s. Best lr per width 32/64/128/256: standard 0.02, 0.01, 0.005, 0.0025 (moves
+Measured on a 2-core CPU shared with other jobs (load 8-16; transfer: load ~5):
+  transfer  253 s through the sweep driver (2026-12-04; 560 s before, at load 8-16, the same
+            losses to 3 decimals). Best lr per width 32/64/128/256: standard 0.02, 0.01, 0.005, 0.0025 (moves
             3 grid steps, loss 2.786 -> 2.527); μP 0.02, 0.01, 0.02, 0.01 (at most 1 step, loss
             2.805 -> 2.640). μP loses to tuned standard at d=256 here; its 1/d attention with
             constant 1 is part of it (sqrt(base d_head)/d_head gave 2.585 at lr 0.02).
