@@ -231,19 +231,6 @@ def points(config) -> list[point_lib.Point]:
   return out
 
 
-def final_eval_loss(row: dict) -> float:
-  """A row's final eval loss; NaN unless it finished 'ok' with a finite one. A trial retried
-  after its worker died past the last step reports no loss, only its eval curve (whose last
-  point is the eval at num_steps, base.eval_every = num_steps): read from there."""
-  if row.get("status") != "ok":
-    return math.nan
-  loss = float(row.get("loss", math.nan))
-  curve = row.get("curve") or {}
-  if not math.isfinite(loss) and curve.get("steps") and curve["steps"][-1] == row.get("steps"):
-    loss = float(curve["losses"][-1])
-  return loss if math.isfinite(loss) else math.nan
-
-
 def transfer_results(rows, config) -> dict:
   """{parametrization: {width: {lr: final eval loss}}} from the sweep's rows, in the config's
   order; a diverged, failed or missing point is NaN."""
@@ -255,7 +242,9 @@ def transfer_results(rows, config) -> dict:
     for width in config.transfer.widths:
       losses = {}
       for lr in lrs:
-        losses[lr] = final_eval_loss(found.get((name, int(width), lr), {}))
+        r = found.get((name, int(width), lr), {})
+        loss = float(r.get("loss", math.nan)) if r.get("status") == "ok" else math.nan
+        losses[lr] = loss if math.isfinite(loss) else math.nan
       results[name][int(width)] = losses
   return results
 

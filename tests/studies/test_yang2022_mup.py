@@ -73,6 +73,17 @@ def test_points_grid():
     mup_study.points(mup_config.get_config("coord"))
 
 
+def test_analyse_reads_the_rows_diverged_and_failed_as_nan(tmp_path):
+  rows = [dict(parametrization="mup", width=32, lr=0.005, status="ok", loss=3.0),
+          dict(parametrization="mup", width=32, lr=0.01, status="diverged", loss=2.0),
+          dict(parametrization="standard", width=64, lr=0.01, status="failed", loss=1.0)]
+  best = mup_study.analyse(rows, _config(), str(tmp_path))
+  assert best == {"standard": {32: None, 64: None}, "mup": {32: 0.005, 64: None}}
+  text = (tmp_path / "transfer.md").read_text()
+  assert "| 32 | **3.000** | div | 0.005 |" in text and "| 64 | div | div | - |" in text
+  assert (tmp_path / "transfer.png").exists()
+
+
 def test_transfer_report_one_row_per_width(uninterrupted):
   report = uninterrupted / "report"
   assert _table_widths((report / "transfer.md").read_text()) == {"standard": [32, 64],
