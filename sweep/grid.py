@@ -68,9 +68,6 @@ class Point:
 
   @classmethod
   def from_dict(cls, d: dict) -> "Point":
-    """From to_dict's format, or from the row of the sweep point `points` made of it."""
-    if "row" in d:
-      d = dict(d["row"], tokens=d["row"]["D"], batch_size=d["row"]["B"])
     return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 
@@ -228,20 +225,7 @@ def trial_config(config, point: Point, *, device_peak_flops: float = 0.0):
 
 def overrides(config, point: Point) -> dict:
   """trial_config's fields (dotted paths) that differ from config.base, but lr and seed."""
-  base = _flat(config.base.copy_and_resolve_references().to_dict())
-  trial = _flat(trial_config(config, point).to_dict())
-  return {k: v for k, v in trial.items()
-          if k not in point_lib.RUNTIME and (k not in base or base[k] != v)}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and v:
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+  return point_lib.overrides(config.base, trial_config(config, point))
 
 
 def _row(p: Point, n: int, seq_len: int) -> dict:

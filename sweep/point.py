@@ -64,6 +64,24 @@ def cell_of(overrides: Mapping[str, Any]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def overrides(base, trial) -> dict:
+  """The fields (dotted paths) in which the trainer config `trial` differs from `base`, but
+  the runtime lr_scale and seed: what makes a trial's config a point."""
+  before, after = _flat(base.copy_and_resolve_references().to_dict()), _flat(trial.to_dict())
+  return {k: v for k, v in after.items()
+          if k not in RUNTIME and (k not in before or before[k] != v)}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def trial_config(config, point: Point, *, device_peak_flops: float = 0.0):
   """The trainer config of one trial: config.base with the point's overrides and runtime
   inputs. Lists (as stored) become tuples; a path the base lacks is added."""

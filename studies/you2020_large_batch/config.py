@@ -1,16 +1,21 @@
 """Large-batch study: AdamW, LAMB and LARS across batch sizes at a fixed token budget.
 
-  nice -n 5 python -m studies.you2020_large_batch.study \
+  nice -n 5 python -m sweep \
       --config=studies/you2020_large_batch/config.py:cpu --workdir=/tmp/large_batch
+
+A sweep config (configs/sweep.py's runtime fields: layout, vectorized, store, ...) whose
+`study` is `studies.you2020_large_batch.study`; `base` is the lm.py config every run starts
+from.
 
 The batch-scaling experiment of You et al. 2020 (LAMB, §4; docs/papers.md §1.4) on a decoder LM:
 every batch size sees the same number of tokens, so a batch 4x larger takes 4x fewer steps;
 the peak lr follows the square-root rule lr(B) = lr(B0)·sqrt(B/B0) from the base batch B0, with
 linear warmup then linear (power 1) decay to 0 (schedule 'warmup_poly'). Before the batch
 sweep, each optimizer's base lr is checked at B0 on the grid base_lr x `lr_check_factors`,
-and the best factor is used at every batch size. `studies.you2020_large_batch.study` writes
-`large_batch.md` (tables), `large_batch.png` (final eval loss against batch size) and
-`results.json` to the workdir; a re-run skips the runs results.json already holds.
+and the best factor is used at every batch size (every factor runs at every batch size, in
+one vectorised program per optimizer and batch size). The sweep writes `large_batch.md`
+(tables), `large_batch.png` (final eval loss against batch size) and `results.json` to
+<workdir>/report/; a re-run trains only the runs its trial store lacks.
 
 Variants:
   cpu    lm.py's `tiny` shape (d_model 64, 2 layers, 2 heads, SwiGLU 256, sequence 64, bytes
@@ -33,7 +38,7 @@ Variants:
   test   2 batch sizes of a 1-layer width-32 model, LAMB only, a few steps (the smoke test).
   small  lm.py `small` (d_model 256, 8 layers, sequence 128) at batch 32..1024, 2^24 tokens:
          an accelerator-sized version of the same study. Not run; its base lrs are guesses.
-Any field: `large_batch.py:cpu,tokens_per_run=262144,base_lr.lamb=0.02`, or as a flag,
+Any field: `config.py:cpu,tokens_per_run=262144,base_lr.lamb=0.02`, or as a flag,
 `--config.batch_sizes='(16, 64)'` (tuples only as flags: the variant string splits on commas).
 
 Measured (`cpu`, 2 shared CPU cores, load average 9-14 from other jobs: 929 s wall for the
@@ -57,6 +62,8 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from configs import lm as lm_config
+from configs import sweep as sweep_config
 from optimizers.factory import default_optimizer_config
 
 # Peak learning rates at the base batch size B0, from the lr checks in the docstring.
@@ -95,7 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   v = common.pick_variant(variant, _VARIANTS, "large_batch")
   c = ml_collections.ConfigDict()
   c.variant = variant
-  c.lm_variant = v["lm_variant"]  # configs/lm.py variant every run starts from
+  c.lm_variant = v["lm_variant"]  # configs/lm.py variant every run starts from: `base`
+  c.base = lm_config.get_config(v["lm_variant"])
   c.model = ml_collections.ConfigDict(v["model"])  # overrides of its model fields
   c.seq_len = v["seq_len"]
   c.optimizers = v.get("optimizers", ("adamw", "lamb", "lars"))
@@ -120,7 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_batch_size = v["eval_batch_size"]
   c.seed = 0
   c.loss_bound = 10.0  # a train loss above this counts as diverged (ln 384 = 5.95 at init)
-  c.device_peak_flops = 0.0  # for the MFU column; 0 = measured once per study
+  sweep_config.add_runtime_fields(c, study="studies.you2020_large_batch.study")
   c.lock()
   common.apply_overrides(c, overrides)
   return c

@@ -1,41 +1,34 @@
-r"""Large-batch study: final eval loss of AdamW, LAMB and LARS against batch size.
+r"""Large-batch study as a sweep: final eval loss of AdamW, LAMB and LARS against batch size.
 
-  nice -n 5 python -m studies.you2020_large_batch.study \
+  nice -n 5 python -m sweep \
       --config=studies/you2020_large_batch/config.py:cpu --workdir=/tmp/large_batch
 
 You et al. 2020 §4 (docs/papers.md §1.4) on a decoder LM: a fixed token budget per run, so larger
 batches take proportionally fewer steps; the square-root lr rule from the base batch B0; linear
-warmup then polynomial decay. Two stages, each run one `train.trainer.train` call:
-  1. lr check: every optimizer at B0 with base_lr x each of `lr_check_factors`. The runs differ
-     only in the trainer's runtime `lr_scale`, so they share one compiled step.
-  2. batch sweep: every optimizer at every batch size with its best factor (the B0 run of the
-     check is reused, not repeated).
-Writes to the workdir: runs/<optimizer>/b<B>_x<factor>/ (each run's metrics.jsonl, config and
-final checkpoint), results.json (one record per run, written after each run; a re-run skips
-the runs it holds), large_batch.md (the tables) and large_batch.png (the plot).
+warmup then polynomial decay. The sweep (sweep/runner.py) trains `points`: every optimizer at
+every batch size with base_lr x each of `lr_check_factors`. The factors of one optimizer and
+batch size differ only in the trainer's runtime `lr_scale`, so they share one compiled step
+(one vectorised program). `analyse` then reads the results in two stages:
+  1. lr check: every optimizer at B0 with each factor; the best factor per optimizer.
+  2. batch sweep: every optimizer at every batch size with its best factor.
+Writes to <workdir>/report/: results.json (one record per run the tables use),
+large_batch.md (the tables) and large_batch.png (the plot); each run's metrics.jsonl,
+config and final checkpoint are in <workdir>/trials/<record's trial>/.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+import copy
 import json
 import math
 import os
-import shutil
-import sys
-import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import ml_collections
 
-from train import cli
 from train import files
-from train import loop
-from train import trainer
-from configs import lm as lm_config
-from models import flops as flops_lib
 from optimizers import factory
 from optimizers import schedules
+from sweep import point as point_lib
 
 NAMES = {"adamw": "AdamW", "lamb": "LAMB", "lars": "LARS"}
 
@@ -95,12 +88,13 @@ def peak_lr(study, optimizer: str, batch_size: int, factor: float = 1.0) -> floa
 
 def run_config(study, optimizer: str, batch_size: int, factor: float = 1.0,
                device_peak_flops: float = 0.0) -> ml_collections.ConfigDict:
-  """The trainer config of one run: lm.py `lm_variant` with the study's budget and schedule.
+  """The trainer config of one run: `base` (lm.py `lm_variant`) with the study's budget and
+  schedule.
 
   The lr factor goes into the runtime `lr_scale` (runs differing only in it share a compiled
   step); the sqrt rule is the schedule's own `batch_size_rule` from `base_lr` at B0.
   """
-  c = lm_config.get_config(study.lm_variant)
+  c = copy.deepcopy(study.base)  # keeps its references: schedule.total_steps -> num_steps
   c.model.update(study.model.to_dict())
   steps = num_steps(study, batch_size)
   c.seq_len = study.seq_len
@@ -134,49 +128,39 @@ def run_key(optimizer: str, batch_size: int, factor: float) -> str:
   return f"{optimizer}/b{batch_size}_x{factor:.4g}"
 
 
-def _hash(config) -> str:
-  """Identity of a run's config, without the machine-dependent MFU peak."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.device_peak_flops = 0.0
-  return hashlib.sha256(c.to_json(sort_keys=True).encode()).hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------------------------
-# Running
+# As a sweep: points and analyse
 # ----------------------------------------------------------------------------------------------
 
-def _train(config, workdir: str, setup_) -> dict:
-  """One trainer run; a divergence is a result (status 'diverged'), not an error."""
-  if os.path.exists(workdir):  # a run cut short: start it again rather than resume it
-    shutil.rmtree(workdir)
-  start = time.time()
-  try:
-    out = loop.train(config, workdir, setup_=setup_)
-    status, error = out["status"], ""
-  except trainer.NonFiniteLossError as e:
-    out, status, error = {}, "diverged", str(e).split(";")[0]
-  return {"status": status, "error": error, "wall_s": round(time.time() - start, 1),
-          "eval_loss": out.get("eval_loss"), "eval_bits_per_byte": out.get("eval_bits_per_byte"),
-          "train_loss": out.get("loss"), "tokens_per_s": out.get("tokens_per_s")}
+def points(study) -> list[point_lib.Point]:
+  """Every optimizer x batch size x lr factor (1 without a check), as sweep points."""
+  validate(study)
+  out = []
+  for o in study.optimizers:
+    for b in study.batch_sizes:
+      for f in tuple(study.lr_check_factors) or (1.0,):
+        c = run_config(study, o, b, f)
+        row = dict(optimizer=o, batch_size=b, factor=f, num_steps=c.num_steps,
+                   warmup_steps=c.schedule.warmup_steps,
+                   tokens=c.num_steps * b * study.seq_len, peak_lr=peak_lr(study, o, b, f))
+        out.append(point_lib.Point(run_key(o, b, f), point_lib.overrides(study.base, c),
+                                   lr_scale=f, seed=study.seed, row=row))
+  return out
 
 
-class _Results:
-  """results.json: {key: record}, rewritten after every run."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self.records = {}
-    if os.path.exists(path):
-      with open(path) as f:
-        self.records = {r["key"]: r for r in json.load(f)}
-
-  def get(self, key: str, config_hash: str):
-    r = self.records.get(key)
-    return r if r is not None and r["config_hash"] == config_hash else None
-
-  def put(self, record: dict) -> None:
-    self.records[record["key"]] = record
-    files.atomic_write(self.path, json.dumps(list(self.records.values()), indent=1))
+def _record(study, row: dict) -> dict:
+  """A sweep row as the record the tables read (status 'done' | 'diverged' | 'failed')."""
+  final = row.get("final") or {}
+  done = row["status"] == "ok"
+  check = row["batch_size"] == study.base_batch_size and row["factor"] in study.lr_check_factors
+  return dict(
+      key=row["key"], trial=row["trial"], stage="lr check" if check else "sweep",
+      optimizer=row["optimizer"], batch_size=row["batch_size"], factor=row["factor"],
+      steps=row["num_steps"], warmup_steps=row["warmup_steps"], tokens=row["tokens"],
+      peak_lr=row["peak_lr"], status="done" if done else row["status"],
+      error=row.get("error", ""), wall_s=row.get("wall_s") or 0.0,
+      eval_loss=final.get("eval_loss", row["loss"]) if done else None,
+      train_loss=final.get("loss"), tokens_per_s=final.get("tokens_per_s"))
 
 
 def _loss(record) -> float:
@@ -190,62 +174,28 @@ def best_factor(records: Sequence[dict]) -> float:
   return best["factor"] if best is not None and math.isfinite(_loss(best)) else 1.0
 
 
-def run(study, workdir: str, log=print) -> dict:
-  """Runs the lr check and the batch sweep; writes results, tables and plot. Returns
-  {'check': [records], 'sweep': [records], 'factors': {optimizer: factor}, 'wall_s'}."""
-  validate(study)
-  start = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  results = _Results(os.path.join(workdir, "results.json"))
-  peak = study.device_peak_flops or flops_lib.measure_matmul_peak(seconds=0.5)
-  setups: dict[tuple, trainer.Program] = {}
-  plan = [(o, study.base_batch_size, f) for o in study.optimizers
-          for f in study.lr_check_factors]
-  total = len(plan) + sum(1 for o in study.optimizers for b in study.batch_sizes
-                          if not (study.lr_check_factors and b == study.base_batch_size))
-
-  def one(optimizer, batch_size, factor, stage):
-    config = run_config(study, optimizer, batch_size, factor, device_peak_flops=peak)
-    key, h = run_key(optimizer, batch_size, factor), _hash(config)
-    record = results.get(key, h)
-    if record is None:
-      # Runs that differ only in lr_scale share a Program, so its compiled steps are reused.
-      base = setups.get((optimizer, batch_size))
-      if base is None:
-        base = setups[(optimizer, batch_size)] = trainer.setup(config)
-      s = dataclasses.replace(base, config=config)
-      log(f"[{len(done) + 1}/{total}] {stage}: {NAMES.get(optimizer, optimizer)} B={batch_size} "
-          f"lr x{factor:.3g} = {peak_lr(study, optimizer, batch_size, factor):.3g} peak, "
-          f"{config.num_steps} steps")
-      record = _train(config, os.path.join(workdir, "runs", key), s)
-      record.update(key=key, config_hash=h, stage=stage, optimizer=optimizer,
-                    batch_size=batch_size, factor=factor, steps=config.num_steps,
-                    warmup_steps=config.schedule.warmup_steps,
-                    tokens=config.num_steps * batch_size * study.seq_len,
-                    peak_lr=peak_lr(study, optimizer, batch_size, factor))
-      results.put(record)
-      log(f"    -> {record['status']}, eval loss {_fmt(record['eval_loss'])} "
-          f"({record['wall_s']:.0f} s)")
-    done.append(record)
-    return record
-
-  done: list[dict] = []
-  check = [one(o, b, f, "lr check") for o, b, f in plan]
+def analyse(rows: Sequence[dict], study, out_dir: str) -> dict:
+  """The lr check and the batch sweep from the sweep's rows; writes results.json, the tables
+  and the plot to out_dir. Returns {'check': [records], 'sweep': [records], 'factors':
+  {optimizer: factor}, 'wall_s': training seconds of every run}."""
+  records = {r["key"]: _record(study, r) for r in rows}
+  check = [records[run_key(o, study.base_batch_size, f)] for o in study.optimizers
+           for f in study.lr_check_factors]
   factors = {o: best_factor([r for r in check if r["optimizer"] == o]) if check else 1.0
              for o in study.optimizers}
-  sweep = []
-  for o in study.optimizers:
-    for b in study.batch_sizes:
-      reuse = [r for r in check if r["optimizer"] == o and r["batch_size"] == b
-               and r["factor"] == factors[o]]
-      sweep.append(reuse[0] if reuse else one(o, b, factors[o], "sweep"))
+  sweep = [records[run_key(o, b, factors[o])] for o in study.optimizers
+           for b in study.batch_sizes]
   out = {"check": check, "sweep": sweep, "factors": factors,
-         "wall_s": round(time.time() - start, 1)}
-  plot_path = os.path.join(workdir, "large_batch.png")
-  plot(sweep, plot_path, title=f"lm.py:{study.lm_variant}, {study.tokens_per_run:,} tokens "
-                                f"per run, {study.batch_size_rule} lr rule")
-  with open(os.path.join(workdir, "large_batch.md"), "w") as f:
-    f.write(markdown(study, out, plots=("large_batch.png",)))
+         "wall_s": round(sum(r["wall_s"] for r in records.values()), 1)}
+  os.makedirs(out_dir, exist_ok=True)
+  used = {r["key"]: r for r in check + sweep}
+  files.atomic_write(os.path.join(out_dir, "results.json"),
+                     json.dumps(list(used.values()), indent=1))
+  plot(sweep, os.path.join(out_dir, "large_batch.png"),
+       title=f"lm.py:{study.lm_variant}, {study.tokens_per_run:,} tokens per run, "
+             f"{study.batch_size_rule} lr rule")
+  with open(os.path.join(out_dir, "large_batch.md"), "w") as f:
+    f.write(markdown(study, out, plots=("large_batch.png",), runs=len(records)))
   return out
 
 
@@ -295,7 +245,7 @@ def check_table(study, check: Sequence[dict], factors: dict) -> str:
   return "\n".join(lines)
 
 
-def markdown(study, out: dict, plots: Sequence[str] = ()) -> str:
+def markdown(study, out: dict, plots: Sequence[str] = (), runs: int = 0) -> str:
   p = schedules.batch_size_exponent(study.batch_size_rule)
   m = study.model.to_dict()
   parts = [
@@ -311,9 +261,7 @@ def markdown(study, out: dict, plots: Sequence[str] = ()) -> str:
                                                                    out["factors"]), ""]
   parts += ["## Batch sweep\n", sweep_table(study, out["sweep"]), ""]
   parts += [f"![]({name})" for name in plots]
-  runs = {r["key"]: r for r in list(out["check"]) + list(out["sweep"])}.values()
-  parts.append(f"\n{len(runs)} runs, {sum(r['wall_s'] for r in runs):.0f} s of training "
-               f"(compilation included); this invocation {out['wall_s']:.0f} s\n")
+  parts.append(f"\n{runs} runs, {out['wall_s']:.0f} s of training (compilation included)\n")
   return "\n".join(parts)
 
 
@@ -343,31 +291,3 @@ def plot(sweep: Sequence[dict], path: str, title: str = "") -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-
-def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
-  cli.check_workdir(flags.FLAGS.workdir)
-  study = flags.FLAGS.config
-  out = run(study, flags.FLAGS.workdir, log=lambda s: print(s, flush=True))
-  with open(os.path.join(flags.FLAGS.workdir, "large_batch.md")) as f:
-    print("\n" + f.read())
-  print(f"done in {out['wall_s']:.0f} s; outputs in {flags.FLAGS.workdir}")
-
-
-if __name__ == "__main__":
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  config_flags.DEFINE_config_file("config", None, "studies/you2020_large_batch/config.py:variant",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where the runs, tables and plot go.")
-  cli.define_distributed_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
-  sys.exit(cli.run(main))

@@ -1,4 +1,4 @@
-"""studies/you2020_large_batch/study.py: run configs (pure) and a smoke run on a 2-point grid."""
+"""studies/you2020_large_batch/study.py: run configs (pure) and a smoke sweep on a 2-point grid."""
 import json
 import math
 import os
@@ -7,6 +7,8 @@ import pytest
 
 from studies.you2020_large_batch import study as lbs
 from studies.you2020_large_batch import config as large_batch
+from sweep import runner
+from sweep import store as store_lib
 
 
 def test_run_configs_keep_the_token_budget_and_the_sqrt_rule():
@@ -62,22 +64,24 @@ def test_best_factor_skips_diverged_runs():
 
 def test_smoke_run_two_batch_sizes(tmp_path):
   study = large_batch.get_config("test")
-  out = lbs.run(study, str(tmp_path), log=lambda _: None)
-  # 2 check runs at B0 = 8 (one of them is also the sweep's B0 point) + 1 run at B = 16.
+  out = runner.run_sweep(study, str(tmp_path))["analysis"]
+  report = tmp_path / "report"
+  # The 2 check factors at B0 = 8 (the best is also the sweep's B0 point) and at B = 16.
   assert {r["key"] for r in out["check"]} == {"lamb/b8_x0.5", "lamb/b8_x1"}
   assert [r["batch_size"] for r in out["sweep"]] == [8, 16]
   assert out["sweep"][0]["factor"] == out["factors"]["lamb"]
   for r in out["check"] + out["sweep"]:
     assert r["status"] == "done" and math.isfinite(r["eval_loss"]), r
-    assert os.path.exists(tmp_path / "runs" / r["key"] / "metrics.jsonl")
+    assert os.path.exists(tmp_path / "trials" / str(r["trial"]) / "metrics.jsonl")
   assert out["sweep"][1]["steps"] == out["sweep"][0]["steps"] // 2  # same tokens, 2x batch
-  table = (tmp_path / "large_batch.md").read_text()
+  table = (report / "large_batch.md").read_text()
   assert "| 16 |" in table and "LAMB" in table
-  assert (tmp_path / "large_batch.png").stat().st_size > 1000
-  records = json.loads((tmp_path / "results.json").read_text())
+  assert (report / "large_batch.png").stat().st_size > 1000
+  records = json.loads((report / "results.json").read_text())
   assert len(records) == 3
 
-  # A second invocation finds every run in results.json and trains nothing.
-  logs = []
-  again = lbs.run(study, str(tmp_path), log=logs.append)
-  assert logs == [] and again["sweep"] == out["sweep"]
+  # A second invocation finds every run in the trial store and trains nothing.
+  trials = store_lib.open_store(study, str(tmp_path)).trials()
+  again = runner.run_sweep(study, str(tmp_path))
+  assert len(store_lib.open_store(study, str(tmp_path)).trials()) == len(trials)
+  assert again["analysis"]["sweep"] == out["sweep"]
