@@ -1,7 +1,7 @@
 """The sweep's trial store: enqueue, claim, heartbeat, finish, retry.
 
 Optuna's RDB storage (SQLite in the workdir by default, PostgreSQL for workers on
-many machines) holds one trial per grid point, enqueued once: a point's `key` is stored with
+many machines) holds one trial per sweep point, enqueued once: a point's `key` is stored with
 it and a re-run enqueues only the keys it lacks (under a file lock on SQLite; on a shared
 server a racing duplicate is noticed when claimed and pruned). Workers claim WAITING trials
 with Optuna's atomic WAITING -> RUNNING transition, so no trial runs twice at once, write a
@@ -168,11 +168,11 @@ class TrialStore:
 
   @staticmethod
   def root(trial) -> int:
-    """The number of the first attempt of this trial's grid point."""
+    """The number of the first attempt of this trial's point."""
     return trial.system_attrs.get("failed_trial", trial.number)
 
   def chains(self) -> dict[str, list]:
-    """key -> the attempts of its grid point, oldest first (duplicates left out)."""
+    """key -> the attempts of its point, oldest first (duplicates left out)."""
     by_key: dict[str, list] = {}
     for t in sorted(self.trials(), key=lambda t: t.number):
       if "key" in t.user_attrs:
