@@ -70,7 +70,13 @@ def program_key(config) -> str:
   return resume_lib.hash_fields(fields)
 
 
-def check_trials(s: trainer.Program, trials) -> None:
+def vectorised(trials, pad_to: int) -> bool:
+  """Whether the trials train through the vmapped step: K > 1, or one trial of a group padded
+  to pad_to (a trial keeps the program it started in, so its float rounding, on resume)."""
+  return len(trials) > 1 or pad_to > 1
+
+
+def check_trials(s: trainer.Program, trials, pad_to: int = 0) -> None:
   """Raises ValueError unless `trials` can run in `s`'s program (together, when K > 1)."""
   key = program_key(s.config)
   for t in trials:
@@ -79,7 +85,7 @@ def check_trials(s: trainer.Program, trials) -> None:
       raise ValueError(f"a trial's config differs from its program's in {', '.join(diff)}; "
                        "trials of one program may differ only in host-side fields "
                        f"({', '.join(TRIAL_FIELDS)}).")
-  if len(trials) == 1:
+  if not vectorised(trials, pad_to):
     return
   for key in SHARED_FIELDS:
     values = {repr(t.config.get(key)) for t in trials}
@@ -171,7 +177,7 @@ def _resume_or_init(s, trials, sinks, data_it, stack):
     meta = {k: restored[0][2][k] for k in ("tokens", "examples")}
     states = [r[1] for r in restored]
     logging.info("resumed from step %d in %s", int(states[0]["step"]), trials[0].workdir)
-    state = states[0] if len(states) == 1 else stack(states)
+    state = stack(states) if stack else states[0]
   elif cfg.init_from:
     # A new phase of an earlier run (e.g. BERT's long-sequence phase): its params, optimizer
     # state, step and token count carry over; the data pipeline and batch control start fresh.
@@ -320,12 +326,12 @@ def _loop(s, trials, sinks, step_fn, state, step, meta, data_it, hooks):
         continue
       _pull(pending, sinks, cfg.loss_bound)
       pending = None
-      extra = _timing(s, timer, window_examples, peak, len(trials)) if is_log else {}
+      extra = _timing(s, timer, window_examples, peak, step_fn.num_trials) if is_log else {}
       window_examples = 0 if is_log else window_examples
       evals = step_fn.evaluate(state) if is_eval else {}
       _write_rows(sinks, step, state, data_it, meta, (is_log, is_eval, is_ckpt), extra, evals,
                   step_fn, hooks)
-      if is_log and len(trials) > 1:
+      if is_log and step_fn.num_trials > 1:
         _log_group(sinks, step, cfg.num_steps, extra["step_time_s"])
       if is_ckpt and preemption.requested:  # a SIGTERM after is_ckpt is saved next step
         logging.warning("SIGTERM: checkpoint written at step %d; exiting", step)
@@ -358,7 +364,8 @@ def _start(s, trials, pad_to):
     raise
   data_it = s.task.train_iterator(s.micro_batch_size, *trainer.data_shard(s, s.micro_batch_size),
                                   seed=trials[0].config.seed)
-  vec = vectorized.TrialSteps(s, [t.config for t in trials], pad_to) if len(trials) > 1 else None
+  vec = (vectorized.TrialSteps(s, [t.config for t in trials], pad_to)
+         if vectorised(trials, pad_to) else None)
   step, state, meta = _resume_or_init(s, trials, sinks, data_it,
                                       vec.stack_states if vec else None)
   if vec is not None and not any(k.checkpointer.all_steps() for k in sinks):
@@ -378,7 +385,7 @@ def run(s: trainer.Program, trials, *, hooks=(), pad_to: int = 0) -> list[dict]:
   row; one that returns True stops that trial there, with a checkpoint ('stopped').
   """
   trials = list(trials)
-  check_trials(s, trials)
+  check_trials(s, trials, pad_to)
   tasks_lib.check_eval_split(trials[0].config, s.task)
   by_step = _checkpoint_steps(trials) if len(trials) > 1 else {0: [0]}
   if len(by_step) > 1:

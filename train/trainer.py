@@ -440,6 +440,7 @@ class StepRunner:
 
   def __init__(self, s: Program, state, lr_scale: float):
     self.s = s
+    self.num_trials = 1
     self.lr_scale = np.float32(lr_scale)
     self.eval_step = make_eval_step(s)
     self.adaptive = s.adaptive

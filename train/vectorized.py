@@ -102,6 +102,7 @@ class TrialSteps:
     self.lr_scale = np.asarray([c.lr_scale for c in configs] + [configs[-1].lr_scale] * pad,
                                np.float32)
     self.batch_size = configs[0].global_batch_size
+    self.num_trials = len(configs) + pad  # what the step trains (MFU counts the padding)
 
   def __call__(self, state, data_it, lr_inputs):
     s = self.s
