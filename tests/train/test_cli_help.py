@@ -17,7 +17,6 @@ ENTRY_POINTS = {
     "sweep": ("--config", "--workdir", "--storage", "--layout"),
     "laws.fit": ("--config", "--csv", "--mapping"),
     "laws.predict": ("--family", "--laws", "--params"),
-    "studies.you2020_large_batch.study": ("--config", "--workdir"),
     "studies.yang2022_mup.study": ("--config", "--workdir"),
     "launch.tpu_vm": ("--config", "--accelerator"),
     "launch.preflight": ("--config", "--topology"),
