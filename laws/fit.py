@@ -12,7 +12,8 @@ Without --csv the rows come from the sweep in --workdir (its sweep_config.json n
 store; --storage overrides). --mapping maps our columns (N, D, C, B, lr, loss, status,
 seq_len; see laws/csv_import.py) to the CSV's. Fit settings come from --config (e.g.
 `--config=configs/sweep.py:tiny --config.fit.n_boot=200`), else from the sweep's
-config, else laws/report.py's defaults. Writes <workdir>/report/ (or --out).
+config, else laws/report.py's defaults. Writes <workdir>/report/ (or --out). A study's sweep
+(config.study) is re-analysed by its own analyse(rows, config, out_dir) instead.
 """
 from __future__ import annotations
 
@@ -106,6 +107,10 @@ def main(argv):
     raise ValueError(f"--workdir={workdir}: no finished trials to fit.")
   cli.check_workdir(workdir)
   out_dir = _OUT.value or os.path.join(workdir, "report")
+  if not _CSV.value and runner.study(config) is not None:  # a study: its own analysis
+    runner.analyse(rows, config, out_dir)
+    print(f"{config.study}: analysed {len(rows)} rows; report: {out_dir}")
+    return
   fitted = runner.fit_and_report(rows, config.fit if config is not None else None, out_dir,
                                  data_config=data_config)
   for family, laws in fitted.items():
