@@ -13,9 +13,22 @@ import ml_collections
 from sharding.rules import DEFAULT_RULES
 
 
+def _split_top_level(text: str) -> list[str]:
+  """Splits at the commas outside brackets: 'a=(0, 1),b=2' -> ['a=(0, 1)', 'b=2']."""
+  parts, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    depth += (ch in "([{") - (ch in ")]}")
+    if ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  return [p for p in parts + [text[start:]] if p]
+
+
 def parse_arg(arg: str | None, default: str) -> tuple[str, dict]:
-  """'tiny,seq_len=64,model.d_model=128' -> ('tiny', {'seq_len': 64, 'model.d_model': 128})."""
-  parts = [p for p in (arg or default).split(",") if p]
+  """'tiny,seq_len=64,grid.seeds=(0, 1)' -> ('tiny', {'seq_len': 64, 'grid.seeds': (0, 1)}).
+
+  Commas inside brackets belong to the value, so tuples and lists can be given inline."""
+  parts = _split_top_level(arg or default)
   variant, overrides = default, {}
   for part in parts:
     if "=" in part:

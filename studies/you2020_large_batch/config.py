@@ -38,8 +38,8 @@ Variants:
   test   2 batch sizes of a 1-layer width-32 model, LAMB only, a few steps (the smoke test).
   small  lm.py `small` (d_model 256, 8 layers, sequence 128) at batch 32..1024, 2^24 tokens:
          an accelerator-sized version of the same study. Not run; its base lrs are guesses.
-Any field: `config.py:cpu,tokens_per_run=262144,base_lr.lamb=0.02`, or as a flag,
-`--config.batch_sizes='(16, 64)'` (tuples only as flags: the variant string splits on commas).
+Any field: `config.py:cpu,tokens_per_run=262144,batch_sizes=(16, 64)`, or as a flag,
+`--config.batch_sizes='(16, 64)'` (a comma inside brackets belongs to the value).
 
 Measured (`cpu`, 2 shared CPU cores, load average 9-14 from other jobs: 929 s wall for the
 15 runs, 30-45 s of each optimizer's first run is compilation; seed 0, one seed only):

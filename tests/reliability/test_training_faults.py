@@ -54,6 +54,14 @@ def _new_rows(workdir, start) -> list[dict]:
   return rows[count:]
 
 
+def _logged_steps(log: str) -> list[int]:
+  """The steps a training process's log reports (its progress lines, 'step N/TOTAL | ...')."""
+  if not os.path.exists(log):
+    return []
+  with open(log) as f:
+    return [int(s) for s in re.findall(r"\bstep (\d+)/\d+ \|", f.read())]
+
+
 def _saving(workdir) -> bool:
   path = os.path.join(workdir, "checkpoints")
   return os.path.isdir(path) and any("tmp" in d for d in os.listdir(path))
@@ -102,14 +110,15 @@ def kill_chain(reference, cache_env, tmp_path_factory):
   log = str(logs / "sigterm.log")
   start_rows = _rows_mark(workdir)
   proc = rel.popen_train(workdir, env=cache_env, log=log)
-  rel.wait_until(lambda: any(r["step"] >= target for r in _new_rows(workdir, start_rows)),
-                 proc, f"step {target}")
+  # The process's own progress lines say which steps it ran (metrics.jsonl's rows are
+  # rewritten by each resume, and a file's identity is not a reliable mark of that).
+  rel.wait_until(lambda: max(_logged_steps(log), default=0) >= target, proc, f"step {target}")
   sent = time.perf_counter()
   proc.send_signal(signal.SIGTERM)
   returncode = proc.wait(timeout=300)
   sigterm = dict(at=target, returncode=returncode, seconds=time.perf_counter() - sent,
-                 done=max(r["step"] for r in _new_rows(workdir, start_rows)),
-                 committed=max(rel.checkpoint_steps(workdir)), log=log)
+                 done=max(_logged_steps(log)), committed=max(rel.checkpoint_steps(workdir)),
+                 log=log)
 
   final = rel.train_cli(workdir, env=cache_env)
   # What each restart resumed from: the next process's "resumed from step N".

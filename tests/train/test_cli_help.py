@@ -81,3 +81,10 @@ def test_every_variant_of_every_config_is_described(path):
     module.get_config(name)  # every listed name is a variant get_config accepts
   text = common.format_variants(os.path.relpath(path, testlib.ROOT))
   assert len(text.splitlines()) == len(rows) + 1
+
+
+def test_variant_string_takes_tuples():
+  """A comma inside brackets belongs to the value (issue: grid.seeds=(0,1) split in two)."""
+  assert common.parse_arg("tiny,grid.seeds=(0, 1),seq_len=64,x=[1,2]", "cpu") == (
+      "tiny", {"grid.seeds": (0, 1), "seq_len": 64, "x": [1, 2]})
+  assert common.parse_arg(None, "cpu") == ("cpu", {})
