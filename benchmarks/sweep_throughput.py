@@ -5,13 +5,14 @@ r"""Sweep throughput: K trials vectorised in one program against the same K run 
 
 Both layouts train the same K learning rates of one sweep cell to the end through the one
 loop (train/loop.py: K runs of one trial against one run of K vectorised trials), with
-checkpoints, evals and metrics.jsonl as in a sweep; each layout first runs once untimed so compiles are excluded.
-Also prints the bare step: K jitted steps against one vmapped step. Which wins on CPU
-depends on the step: for this tiny-sweep cell vectorised won (idle 2-core CPU, K=8: 1.35x
-whole trials, 10.4 s against 14.0 s; 1.33x bare step), for the lm.py shapes sequential did
-(0.64-0.92x). No GPU was lent to measure the accelerator side. Hence the
-sweep's layout='auto': vectorised on accelerators, 'measure' (the bare step on the first
-cell, kept for the whole sweep) on CPU.
+checkpoints, evals and metrics.jsonl as in a sweep; each layout first runs once untimed so
+compiles are excluded.
+Also prints the bare step: K jitted steps against one vmapped step. Measured 2026-12-04 on
+the 2-core CPU VM (load average about 2), K = 8 on the tiny-sweep cell: vectorised 1.33x for
+whole trials (7.04 s against 9.39 s), 1.30x for the bare step; earlier, for the lm.py shapes,
+sequential won (0.64-0.92x). No GPU was lent to measure the accelerator side. The sweep's
+layout='auto' is vectorised on every backend regardless (a timing must not pick it:
+sweep/trials.py, choose_layout); 'measure' times both as an opt-in.
 """
 from __future__ import annotations
 

@@ -110,10 +110,10 @@ def test_two_phases_keep_the_optimizer_state_and_rewarm_the_lr(tmp_path, monkeyp
       step = int(lr_inputs["step"])
       if step == PHASE1_STEPS:  # phase 2's first step: what it starts from (pre-donation)
         seen["phase2_start"] = jax.device_get(state)
-      state, metrics, _ = step_fn(state, batch, lr_inputs)
+      state, metrics, flags = step_fn(state, batch, lr_inputs)
       if step == PHASE1_STEPS - 1:
         seen["phase1_end"] = jax.device_get(state)
-      return state, metrics
+      return state, metrics, flags
     return wrapped
   monkeypatch.setattr(trainer, "make_train_step", spy)
 
