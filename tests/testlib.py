@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
+import optuna
 
 from train import trainer
 from configs import lm as lm_config
@@ -73,3 +77,35 @@ def popen_cli(*args, env=None):
   full_env.update(env or {})
   return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=full_env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_sweep_after_first_trial(args, workdir, open_store, timeout: float = 600) -> dict:
+  """Starts `python -m ARGS` (a sweep writing to workdir), SIGKILLs it once its store holds a
+  finished trial and before the sweep ends; returns {trial number: datetime_complete} of the
+  trials finished by then. `open_store(workdir)` opens the sweep's store."""
+  complete = optuna.trial.TrialState.COMPLETE
+  proc = popen_cli(*args)
+  threading.Thread(target=proc.stdout.read, daemon=True).start()  # the pipe never fills
+  store, deadline = None, time.time() + timeout
+  try:
+    while proc.poll() is None and time.time() < deadline:
+      if store is None and os.path.exists(os.path.join(workdir, "sweep.db")):
+        store = open_store(workdir)
+      if store is not None and store.trials((complete,)):
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, "the sweep ended before it could be killed mid-study"
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  return {t.number: t.datetime_complete for t in open_store(workdir).trials((complete,))}
+
+
+def assert_each_point_finished_once(store, finished_before: dict) -> None:
+  """After a re-run: every point has exactly one COMPLETE trial, and the trials finished
+  before the kill (finished_before) did not run again."""
+  complete = optuna.trial.TrialState.COMPLETE
+  for key, chain in store.chains().items():
+    assert [t.state for t in chain].count(complete) == 1, (key, [t.state for t in chain])
+  now = {t.number: t.datetime_complete for t in store.trials((complete,))}
+  assert {n: now.get(n) for n in finished_before} == finished_before  # none ran again

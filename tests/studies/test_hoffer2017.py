@@ -2,11 +2,7 @@
 the three runs as points, the table, and the tiny study through the sweep CLI, SIGKILLed once
 mid-study and resumed without re-running a finished run."""
 import math
-import os
-import signal
-import time
 
-import optuna
 import pytest
 
 from studies.hoffer2017_train_longer import config as hoffer_config
@@ -16,7 +12,6 @@ from sweep import store as store_lib
 from tests import testlib
 
 CONFIG = "studies/hoffer2017_train_longer/config.py"
-COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
 def test_points_are_the_three_runs_as_differences_from_the_base():
@@ -63,39 +58,16 @@ def test_analyse_writes_the_table_in_run_order(tmp_path):
   assert out["hoffer_recipe"]["accuracy"] == pytest.approx(0.92)
 
 
-def _kill_after_first_finished(workdir, store_config):
-  """Starts the tiny study, SIGKILLs it once a trial is COMPLETE; returns {number: time}."""
-  proc = testlib.popen_cli("sweep", f"--config={CONFIG}:tiny", f"--workdir={workdir}")
-  store, deadline = None, time.time() + 600
-  try:
-    while proc.poll() is None and time.time() < deadline:
-      if store is None and os.path.exists(os.path.join(workdir, "sweep.db")):
-        store = store_lib.open_store(store_config, str(workdir))
-      if store is not None and store.trials((COMPLETE,)):
-        break
-      time.sleep(0.05)
-    assert proc.poll() is None, proc.stdout.read()[-3000:]  # killed mid-study, not after
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
-  store = store_lib.open_store(store_config, str(workdir))
-  assert store.progress()["done"] < len(hoffer_config.RUNS)
-  return {t.number: t.datetime_complete for t in store.trials((COMPLETE,))}
-
-
 def test_tiny_study_through_the_sweep_cli_resumes_after_a_kill(tmp_path):
   store_config = hoffer_config.get_config("tiny")
-  finished_before = _kill_after_first_finished(tmp_path, store_config)
-  assert finished_before
-  testlib.run_cli("sweep", f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", check=True)
-  store = store_lib.open_store(store_config, str(tmp_path))
-  chains = store.chains()
-  assert sorted(chains) == sorted(hoffer_config.RUNS)
-  for key, chain in chains.items():  # every point finished exactly once
-    assert [t.state for t in chain].count(COMPLETE) == 1, (key, [t.state for t in chain])
-  complete = {t.number: t.datetime_complete for t in store.trials((COMPLETE,))}
-  assert {n: complete.get(n) for n in finished_before} == finished_before  # none ran again
+  args = ("sweep", f"--config={CONFIG}:tiny", f"--workdir={tmp_path}")
+  open_store = lambda d: store_lib.open_store(store_config, str(d))
+  finished_before = testlib.kill_sweep_after_first_trial(args, str(tmp_path), open_store)
+  assert 1 <= len(finished_before) < len(hoffer_config.RUNS)
+  testlib.run_cli(*args, check=True)
+  store = open_store(tmp_path)
+  assert sorted(store.chains()) == sorted(hoffer_config.RUNS)
+  testlib.assert_each_point_finished_once(store, finished_before)
   lines = (tmp_path / "report" / study.REPORT).read_text().splitlines()
   runs = [l for l in lines if l.startswith("| hoffer_")]
   assert [l.split(" | ")[0][2:] for l in runs] == list(hoffer_config.RUNS)

@@ -1,4 +1,5 @@
-"""studies/you2020_large_batch/study.py: run configs (pure) and a smoke sweep on a 2-point grid."""
+"""studies/you2020_large_batch/study.py: run configs (pure), a smoke sweep on a 2-point grid,
+and the study killed mid-way through the sweep CLI, then re-run."""
 import json
 import math
 import os
@@ -9,6 +10,7 @@ from studies.you2020_large_batch import study as lbs
 from studies.you2020_large_batch import config as large_batch
 from sweep import runner
 from sweep import store as store_lib
+from tests import testlib
 
 
 def test_run_configs_keep_the_token_budget_and_the_sqrt_rule():
@@ -85,3 +87,16 @@ def test_smoke_run_two_batch_sizes(tmp_path):
   again = runner.run_sweep(study, str(tmp_path))
   assert len(store_lib.open_store(study, str(tmp_path)).trials()) == len(trials)
   assert again["analysis"]["sweep"] == out["sweep"]
+
+
+def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
+  """The study through the sweep CLI, SIGKILLed once a trial has finished, then re-run."""
+  args = ("sweep", "--config=studies/you2020_large_batch/config.py:test",
+          f"--workdir={tmp_path}", "--config.layout=sequential")
+  study = large_batch.get_config("test")
+  open_store = lambda d: store_lib.open_store(study, str(d))
+  before = testlib.kill_sweep_after_first_trial(args, str(tmp_path), open_store)
+  assert 1 <= len(before) < len(lbs.points(study))
+  testlib.run_cli(*args, check=True)
+  testlib.assert_each_point_finished_once(open_store(tmp_path), before)
+  assert (tmp_path / "report" / "large_batch.md").exists()
