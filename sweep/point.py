@@ -19,6 +19,8 @@ import hashlib
 import json
 from typing import Any, Mapping
 
+from train import resume as resume_lib
+
 RUNTIME = ("lr_scale", "seed")  # the point's own fields, never overrides
 LAYOUTS = ("auto", "sequential", "vectorized", "measure")
 
@@ -67,19 +69,10 @@ def cell_of(overrides: Mapping[str, Any]) -> str:
 def overrides(base, trial) -> dict:
   """The fields (dotted paths) in which the trainer config `trial` differs from `base`, but
   the runtime lr_scale and seed: what makes a trial's config a point."""
-  before, after = _flat(base.copy_and_resolve_references().to_dict()), _flat(trial.to_dict())
+  before = resume_lib.flatten(base.copy_and_resolve_references().to_dict())
+  after = resume_lib.flatten(trial.to_dict())
   return {k: v for k, v in after.items()
           if k not in RUNTIME and (k not in before or before[k] != v)}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and v:
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def trial_config(config, point: Point, *, device_peak_flops: float = 0.0):

@@ -30,17 +30,18 @@ def config_hash(config) -> str:
 
 def differing_fields(a, b, ignore=()) -> list[str]:
   """Dotted names of the fields whose values differ between configs a and b."""
-  fa = _flatten(json.loads(a.to_json_best_effort(sort_keys=True)))
-  fb = _flatten(json.loads(b.to_json_best_effort(sort_keys=True)))
+  fa = flatten(json.loads(a.to_json_best_effort(sort_keys=True)))
+  fb = flatten(json.loads(b.to_json_best_effort(sort_keys=True)))
   return [f"config.{k}" for k in sorted(set(fa) | set(fb))
           if k.split(".")[0] not in ignore and fa.get(k) != fb.get(k)]
 
 
-def _flatten(tree, prefix: str = "") -> dict:
+def flatten(tree, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}: a nested config dict by dotted field names."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict) and value:
-      out.update(_flatten(value, f"{prefix}{key}."))
+      out.update(flatten(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
   return out
@@ -76,7 +77,7 @@ def check_resume_config(cfg, workdir: str, steps) -> dict:
     return {}
   where = f"--workdir={workdir}'s checkpoint"
   allowed = tuple(cfg.get("resume_allow_changes") or ())
-  new = _flatten(json.loads(cfg.to_json_best_effort(sort_keys=True)))
+  new = flatten(json.loads(cfg.to_json_best_effort(sort_keys=True)))
   unknown = [k for k in allowed if k not in new]
   if unknown:
     raise ValueError(f"config.resume_allow_changes names {', '.join(unknown)}, which the "
@@ -96,7 +97,7 @@ def check_resume_config(cfg, workdir: str, steps) -> dict:
           "the same config, or use a new --workdir.")
     return {}
   with open(path) as f:
-    old = _flatten(json.load(f))
+    old = flatten(json.load(f))
   missing = object()
   changed = {k: [old.get(k, missing), new.get(k, missing)] for k in sorted(set(old) | set(new))
              if k not in RESUME_UNCHECKED and old.get(k, missing) != new.get(k, missing)}
