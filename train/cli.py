@@ -15,6 +15,7 @@ ERRORs stay. --third_party_logs, or a raised --verbosity (>= 1), shows them all 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 
@@ -105,9 +106,15 @@ def _config_file_error(e: BaseException, argv) -> str | None:
 
 def _flag_error(e: BaseException, argv) -> str:
   if isinstance(e, AttributeError):  # ml_collections: an override names no config field
-    key = str(e).strip("\"'")
-    given = [a.split("=")[0].lstrip("-") for a in argv if key in a]
+    # Its message is the quoted name, possibly escaped, and a 'Did you mean "x"' line.
+    names = re.findall(r"[A-Za-z_]\w*", str(e).split("Did you mean")[0].replace("\\n", " "))
+    key = names[0] if names else str(e)
+    given = [a.split("=")[0].lstrip("-") for a in argv
+             if a.split("=")[0].split(".")[-1] == key]
     where = given[0] if given else key
+    hint = re.search(r'Did you mean "([^"]+)"', str(e))
+    if hint:
+      return f"error: --{where}: the config has no field {key!r}; did you mean {hint.group(1)!r}?"
     return (f"error: --{where}: the config has no field {key!r} (see the config file's "
             "fields, or drop the override).")
   text = str(e)

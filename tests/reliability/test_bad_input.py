@@ -18,6 +18,8 @@ CASES = {
     # Config keys and types.
     "unknown_key_flag": ("train", (LM, "--config.optimizer.no_such=1"),
                          ("--config.optimizer.no_such", "no field 'no_such'")),
+    "misspelt_key_flag": ("train", (LM, "--config.num_step=5"),
+                          ("--config.num_step", "no field 'num_step'; did you mean 'num_steps'?")),
     "unknown_key_in_variant": ("train", (LM + ",nonsense=3",),
                                ("config.nonsense", "valid: ['async_checkpointing'")),
     "wrong_type_int": ("train", (LM, "--config.num_steps=abc"),
