@@ -41,8 +41,9 @@ Variants:
 Any field: `config.py:cpu,tokens_per_run=262144,batch_sizes=(16, 64)`, or as a flag,
 `--config.batch_sizes='(16, 64)'` (a comma inside brackets belongs to the value).
 
-Measured (`cpu`, 2 shared CPU cores, load average 9-14 from other jobs: 929 s wall for the
-15 runs, 30-45 s of each optimizer's first run is compilation; seed 0, one seed only):
+Measured (`cpu`, as the former staged loop: 2 shared CPU cores, load average 9-14 from other
+jobs, 929 s wall for its 15 runs; as a sweep on 2026-12-04: 27 points in 3 min 4 s on the
+idle machine, the same table but LARS at B=256, 3.181; seed 0, one seed only):
 the base lrs came from a x3-spaced check at B0 (AdamW 6e-4..6e-2, LAMB 2e-3..0.2, LARS
 0.3..30; parabola vertices 0.014 / 0.020 / 3.3; LAMB 0.2 and LARS 30 diverged); this config's
 x0.5 / 1 / 2 check at B0 then gave eval loss AdamW 2.334 / 2.233 / 2.338, LAMB 2.378 / 2.254 /
