@@ -199,11 +199,7 @@ def make_image_iterator(data_config, *, split: str, global_batch_size: int, seed
   last full global batch. Global batch j is the same rows whatever the process count;
   process p reads rows [p*b, (p+1)*b). Checkpoint with `get_state()` / `set_state()`.
   """
-  if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
-                     f'process_count={process_count}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+  lm.check_process_shard(global_batch_size, process_index, process_count)
   augment = repeat if augment is None else augment
   images, labels, _ = image_arrays(data_config, split, data_dir)
   mean, std = channel_stats(data_config, data_dir)

@@ -160,6 +160,15 @@ def _window(stream, seq_len, w):
   return {'tokens': np.asarray(stream[w * seq_len:(w + 1) * seq_len + 1], np.int32)}
 
 
+def check_process_shard(global_batch_size: int, process_index: int, process_count: int):
+  """Raises ValueError unless process_index of process_count reads an equal share."""
+  if global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
+                     f'process_count={process_count}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+
+
 def make_lm_iterator(data_config, *, split: str, global_batch_size: int, seq_len: int,
                      seed: int, process_index: int = 0, process_count: int = 1,
                      data_dir: str | None = None, repeat: bool = True,
@@ -171,11 +180,7 @@ def make_lm_iterator(data_config, *, split: str, global_batch_size: int, seq_len
   same number of batches). `shuffle` defaults to `repeat`: training shuffles, an eval pass
   (`split='validation', repeat=False`) reads windows in order.
   """
-  if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
-                     f'process_count={process_count}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+  check_process_shard(global_batch_size, process_index, process_count)
   shuffle = repeat if shuffle is None else shuffle
   stream = token_stream(data_config, split, data_dir)
   num_windows = (len(stream) - 1) // seq_len

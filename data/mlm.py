@@ -68,11 +68,7 @@ def make_mlm_iterator(data_config, *, split: str, global_batch_size: int, seq_le
   Global batch j is the same rows whatever the process count; process p reads rows
   [p*b, (p+1)*b). Checkpoint with `get_state()` / `set_state()`.
   """
-  if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
-                     f'process_count={process_count}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+  lm.check_process_shard(global_batch_size, process_index, process_count)
   stream = lm.token_stream(data_config, split, data_dir)
   num_windows = len(stream) // seq_len
   num_batches = num_windows // global_batch_size

@@ -46,8 +46,9 @@ def _split_tokens(batch):
   return tokens[:, :-1], tokens[:, 1:]
 
 
-def lm_task(config) -> Task:
+def lm_task(config, mesh=None) -> Task:
   """Decoder LM on a token stream: next-token cross entropy in nats per token."""
+  del mesh  # the LM's batches and model do not depend on the mesh
   vocab = data_lib.vocab_size(config.data)
   cfg = transformer.TransformerConfig.from_config(config.model, vocab)
   if config.seq_len > cfg.max_seq_len:
@@ -93,13 +94,14 @@ def _weighted_sums(logits, targets, weights):
   return (losses * weights).sum(), (correct * weights).sum(), weights.sum()
 
 
-def mlm_task(config) -> Task:
+def mlm_task(config, mesh=None) -> Task:
   """BERT masked LM (Devlin et al. 2019): cross entropy at the masked positions only.
 
   Batches come from `data.mlm` (15% of positions, 80/10/10). `config.phase` 2 is
   the long-sequence phase of You et al. 2020's recipe and must start from phase 1's workdir
   (`config.init_from`), which carries over params, optimizer state and step.
   """
+  del mesh  # as for lm_task
   cfg = transformer.TransformerConfig.from_config(config.model,
                                                   mlm_lib.mlm_vocab_size(config.data))
   if config.seq_len > cfg.max_seq_len:
@@ -235,6 +237,4 @@ def make_task(config, mesh=None) -> Task:
   """The config's task; `mesh` is the program's (default: config.mesh over all devices)."""
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r} is not valid; choose one of {sorted(TASKS)}.")
-  if config.task == "image":
-    return image_task(config, mesh)
-  return TASKS[config.task](config)
+  return TASKS[config.task](config, mesh)
